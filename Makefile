@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install, fetch the embedded model and corpus, run the default federated job
+#   make test   create .venv, install, run the test suite
+# TORCH selects the torch build; the default is the release this project is tested with.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+DEVICES ?= 4
+PY := $(VENV)/bin/python
+
+.PHONY: install assets demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+assets: install
+	$(PY) -m fedspallm.assets
+
+demo: assets
+	$(VENV)/bin/fabric run --accelerator cpu --devices $(DEVICES) fedspallm/main.py --config configs/default.yaml
+
+test: assets
+	$(PY) -m pytest -q
+
+bench: assets
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) lightning_logs

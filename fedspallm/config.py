@@ -1,0 +1,267 @@
+"""Typed configuration: the user-facing contract (see DESIGN.md, "keep these names stable").
+
+jsonargparse turns these dataclasses into ``--model.name_or_path``-style flags, YAML configs and
+``--print_config``; their docstrings are what ``--help`` shows. ``validate()`` checks every value
+before any model is loaded and raises a one-line :class:`UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from fedspallm.errors import UserError
+
+BUILTIN_DATASETS = ("default", "wikitext2", "ptb", "c4")
+
+
+@dataclass
+class ModelConfig:
+    """The causal LM.
+
+    Args:
+        name_or_path: "default" (embedded SmolLM2-135M-Instruct), a hub id, a local Hugging Face
+            directory, or a .gguf file.
+        dtype: dtype of the weights. Statistics are always accumulated in float32.
+        revision: hub revision, for hub ids.
+        trust_remote_code: passed to transformers for hub models with custom code.
+    """
+
+    name_or_path: str = "default"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Calibration data.
+
+    Args:
+        calibration: "default" (embedded Wikipedia leads, train split), wikitext2, c4, ptb, or a
+            path to a .txt or .jsonl file.
+        nsamples: total number of calibration windows, over all clients.
+        seqlen: tokens per calibration window.
+        partition: how windows are split across clients: iid, topic (non-IID by the embedded
+            corpus's topics) or dirichlet (over topics, with concentration alpha).
+        alpha: Dirichlet concentration for partition=dirichlet; smaller is more skewed.
+    """
+
+    calibration: str = "default"
+    nsamples: int = 32
+    seqlen: int = 512
+    partition: Literal["iid", "topic", "dirichlet"] = "iid"
+    alpha: float = 0.5
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity evaluation.
+
+    Args:
+        datasets: any of "default", wikitext2, ptb, c4, or paths to .txt/.jsonl files.
+        seqlen: tokens per evaluation window (non-overlapping, the remainder is dropped).
+        max_windows: evaluate at most this many windows per dataset (null for all).
+        batch_size: windows per forward pass.
+    """
+
+    datasets: list[str] = field(default_factory=lambda: ["default"])
+    seqlen: int = 512
+    max_windows: Optional[int] = 32
+    batch_size: int = 4
+
+
+@dataclass
+class PruningConfig:
+    """The local pruner.
+
+    Args:
+        method: sparsegpt, wanda or magnitude.
+        sparsity: target fraction of zeros per pruned matrix, in [0, 1). Ignored for N:M patterns
+            (their sparsity is N/M).
+        pattern: "unstructured" or "N:M" (for example 2:4, 4:8): prune N of every M consecutive
+            input weights.
+        blocksize: SparseGPT column block size.
+        percdamp: SparseGPT dampening, as a fraction of mean(diag H).
+        offload: keep the model on the CPU and move one block at a time to the accelerator.
+    """
+
+    method: Literal["sparsegpt", "wanda", "magnitude"] = "sparsegpt"
+    sparsity: float = 0.7
+    pattern: str = "unstructured"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    offload: bool = False
+
+    @property
+    def n_m(self) -> tuple[int, int]:
+        """(N, M) for N:M patterns, (0, 0) for unstructured."""
+        if self.pattern == "unstructured":
+            return (0, 0)
+        n, m = (int(x) for x in self.pattern.split(":"))
+        return (n, m)
+
+    @property
+    def target_sparsity(self) -> float:
+        n, m = self.n_m
+        return n / m if m else self.sparsity
+
+
+@dataclass
+class FederationConfig:
+    """The federation.
+
+    Args:
+        strategy: fedspallm, centralized (one pruner on all data), standalone (each client prunes
+            alone; mean/min/max reported), fedavg (plain averaging + expansion) or mask_vote
+            (FedPrLLM: masks only, most-voted positions pruned).
+        num_clients: number of clients K. Processes each simulate K / world_size of them.
+        rounds: number of rounds T.
+        budgets: resource fraction r_i per client: a list of K values in (0, 1], "uniform" (every
+            client gets ``budget``) or "linear" (evenly spread over ``budget_range``).
+        budget: r for budgets=uniform.
+        budget_range: [low, high] for budgets=linear.
+        sampling: how each round's blocks are drawn: systematic (unbiased, covers every block when
+            sum k_i >= L), uniform (independent draws) or all (every client prunes every block).
+        aggregation: l0 (average only the non-zeros) or fedavg (average including zeros).
+        expansion: expand the aggregated mask to the exact target sparsity.
+        client_base: dense (clients prune the cached dense model; all rounds are pooled) or global
+            (clients prune the current global model; each round replaces the blocks it covers).
+        uncovered: what to do with blocks no client pruned: error, magnitude (server prunes them by
+            magnitude) or dense (left dense; the shortfall is reported).
+        collective_timeout_s: a collective that waits longer than this fails the run (a dead or
+            hung client never hangs the others forever).
+    """
+
+    strategy: Literal["fedspallm", "centralized", "standalone", "fedavg", "mask_vote"] = "fedspallm"
+    num_clients: int = 4
+    rounds: int = 1
+    budgets: Union[list[float], Literal["uniform", "linear"]] = "uniform"
+    budget: float = 0.5
+    budget_range: tuple[float, float] = (0.25, 1.0)
+    sampling: Literal["systematic", "uniform", "all"] = "systematic"
+    aggregation: Literal["l0", "fedavg"] = "l0"
+    expansion: bool = True
+    client_base: Literal["dense", "global"] = "dense"
+    uncovered: Literal["error", "magnitude", "dense"] = "error"
+    collective_timeout_s: float = 600.0
+
+
+@dataclass
+class OutputConfig:
+    """Outputs.
+
+    Args:
+        dir: root of the run directories (version_N is created inside).
+        save_model: export the pruned model as a Hugging Face checkpoint (safetensors).
+        save_compressed: also export a bitmask + kept-values safetensors file.
+    """
+
+    dir: str = "lightning_logs"
+    save_model: bool = True
+    save_compressed: bool = True
+
+
+_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+def _is_path_like(name: str) -> bool:
+    return name not in BUILTIN_DATASETS
+
+
+def validate_dataset_name(key: str, name: str) -> None:
+    if name in BUILTIN_DATASETS:
+        return
+    path = Path(name)
+    if path.suffix not in (".txt", ".jsonl", ".json"):
+        raise UserError(
+            f"{key}={name!r}: unknown dataset; use one of {', '.join(BUILTIN_DATASETS)} "
+            "or a path to a .txt or .jsonl file"
+        )
+    if not path.is_file():
+        raise UserError(f"{key}={name!r}: file not found")
+
+
+def validate_pruning(cfg: PruningConfig) -> None:
+    if cfg.pattern != "unstructured":
+        match = _PATTERN.match(cfg.pattern)
+        if not match:
+            raise UserError(f"pruning.pattern={cfg.pattern!r}: use 'unstructured' or 'N:M' such as 2:4")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise UserError(f"pruning.pattern={cfg.pattern!r}: N:M needs 0 < N < M")
+    if not (isinstance(cfg.sparsity, (int, float)) and math.isfinite(cfg.sparsity) and 0 <= cfg.sparsity < 1):
+        raise UserError(f"pruning.sparsity={cfg.sparsity}: must be in [0, 1)")
+    if cfg.blocksize < 1:
+        raise UserError(f"pruning.blocksize={cfg.blocksize}: must be >= 1")
+    if not (math.isfinite(cfg.percdamp) and cfg.percdamp > 0):
+        raise UserError(f"pruning.percdamp={cfg.percdamp}: must be > 0")
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    name = cfg.name_or_path
+    if not name:
+        raise UserError("model.name_or_path is empty")
+    looks_local = name.endswith(".gguf") or name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and name != "default" and not Path(name).expanduser().exists():
+        raise UserError(f"model.name_or_path={name!r}: no such file or directory")
+
+
+def validate_data(cfg: DataConfig) -> None:
+    validate_dataset_name("data.calibration", cfg.calibration)
+    if cfg.nsamples < 1:
+        raise UserError(f"data.nsamples={cfg.nsamples}: need at least 1 calibration window")
+    if cfg.seqlen <= 1:
+        raise UserError(f"data.seqlen={cfg.seqlen}: must be > 1")
+    if not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
+        raise UserError(f"data.alpha={cfg.alpha}: must be > 0")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    if not cfg.datasets:
+        raise UserError("eval.datasets is empty")
+    for name in cfg.datasets:
+        validate_dataset_name("eval.datasets", name)
+    if cfg.seqlen <= 1:
+        raise UserError(f"eval.seqlen={cfg.seqlen}: must be > 1")
+    if cfg.max_windows is not None and cfg.max_windows < 1:
+        raise UserError(f"eval.max_windows={cfg.max_windows}: must be >= 1 or null")
+    if cfg.batch_size < 1:
+        raise UserError(f"eval.batch_size={cfg.batch_size}: must be >= 1")
+
+
+def validate_federation(cfg: FederationConfig, data: DataConfig) -> None:
+    if cfg.num_clients < 1:
+        raise UserError(f"federation.num_clients={cfg.num_clients}: must be >= 1")
+    if cfg.num_clients > data.nsamples:
+        raise UserError(
+            f"federation.num_clients={cfg.num_clients}: more clients than calibration samples "
+            f"(data.nsamples={data.nsamples}); every client needs at least one window"
+        )
+    if cfg.rounds < 1:
+        raise UserError(f"federation.rounds={cfg.rounds}: must be >= 1")
+    if isinstance(cfg.budgets, list):
+        if len(cfg.budgets) != cfg.num_clients:
+            raise UserError(
+                f"federation.budgets has {len(cfg.budgets)} values; need one per client "
+                f"(federation.num_clients={cfg.num_clients})"
+            )
+        for r in cfg.budgets:
+            if not (isinstance(r, (int, float)) and 0 < r <= 1):
+                raise UserError(f"federation.budgets contains {r}: every budget must be in (0, 1]")
+    if not 0 < cfg.budget <= 1:
+        raise UserError(f"federation.budget={cfg.budget}: must be in (0, 1]")
+    low, high = cfg.budget_range
+    if not 0 < low <= high <= 1:
+        raise UserError(f"federation.budget_range={list(cfg.budget_range)}: need 0 < low <= high <= 1")
+    if not cfg.collective_timeout_s > 0:
+        raise UserError(f"federation.collective_timeout_s={cfg.collective_timeout_s}: must be > 0")
+
+
+def validate_output(cfg: OutputConfig) -> None:
+    path = Path(cfg.dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output.dir={cfg.dir!r}: exists and is not a directory")

@@ -1,0 +1,232 @@
+"""Load a causal LM from anywhere, and find its decoder blocks and prunable projections generically.
+
+No per-family code: the decoder blocks are the one ``nn.ModuleList`` with ``num_hidden_layers``
+children of one class, and the prunable projections are the ``nn.Linear`` (or GPT-2 ``Conv1D``,
+whose weight is stored transposed) modules inside a block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedspallm.config import ModelConfig
+from fedspallm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it today
+        return None
+    return Conv1D
+
+
+_CONV1D = _conv1d_type()
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (_CONV1D is not None and isinstance(module, _CONV1D))
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores its weight as [in, out]; nn.Linear as [out, in]."""
+    return _CONV1D is not None and isinstance(module, _CONV1D)
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features] (a view for Conv1D)."""
+    return module.weight.t() if is_transposed(module) else module.weight
+
+
+@torch.no_grad()
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an [out, in] weight back, in the module's own layout, dtype and device."""
+    if is_transposed(module):
+        weight = weight.t()
+    module.weight.copy_(weight.to(module.weight.dtype))
+
+
+def in_features(module: nn.Module) -> int:
+    return get_weight(module).shape[1]
+
+
+def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks, found without knowing the architecture."""
+    config = getattr(model, "config", None)
+    depth = None
+    if config is not None:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        depth = getattr(text_config, "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1 and any(is_prunable(m) for m in module[0].modules()):
+                candidates.append((name, module))
+    if depth is not None:
+        candidates = [(n, m) for n, m in candidates if len(m) == depth]
+    if not candidates:
+        raise UserError(
+            f"unsupported architecture {type(model).__name__}: no stack of decoder blocks with "
+            "linear layers was found"
+        )
+    # The decoder stack is the outermost match (a block may hold lists of experts inside it).
+    return min(candidates, key=lambda item: item[0].count("."))[1]
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    blocks = find_decoder_blocks(model)
+    for name, module in model.named_modules():
+        if module is blocks:
+            return name
+    raise AssertionError("unreachable: blocks come from named_modules")
+
+
+def find_prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Prunable projections of one block, by their name inside the block, in forward order."""
+    return {name: module for name, module in block.named_modules() if name and is_prunable(module)}
+
+
+def context_length(model: nn.Module) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    source: str
+
+
+def _hub_error(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"could not load {name!r} from the Hugging Face hub ({type(err).__name__}); without hub access, "
+        "download the model elsewhere and pass its local directory or .gguf file as --model.name_or_path"
+    )
+
+
+def _load_hf(path_or_id: str, dtype: torch.dtype, revision: str | None = None,
+             trust_remote_code: bool = False, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(path_or_id, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(path_or_id).exists():
+            raise UserError(f"model {path_or_id!r} is not a loadable Hugging Face model: {err}".splitlines()[0]) from None
+        raise _hub_error(path_or_id, err) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err) or "not supported" in str(err):
+            raise UserError(
+                f"unsupported architecture {type(config).__name__} ({getattr(config, 'model_type', '?')}): "
+                "fedspallm prunes decoder-only causal LMs that AutoModelForCausalLM can load"
+            ) from None
+        raise UserError(f"could not load model {path_or_id!r}: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        if Path(path_or_id).exists():
+            raise UserError(f"could not load model {path_or_id!r}: {str(err).splitlines()[0]}") from None
+        raise _hub_error(path_or_id, err) from None
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+    model.eval()
+    find_decoder_blocks(model)  # fail early, with a clear line, on an unsupported layout
+    return model, tokenizer
+
+
+def convert_gguf_to_hf(gguf_path: Path, target: Path, expected_sha256: str | None = None) -> Path:
+    """Dequantize a GGUF file once into a Hugging Face directory (atomically), and return it."""
+    from fedspallm.assets import sha256_of
+
+    gguf_path = Path(gguf_path)
+    if expected_sha256 is not None:
+        digest = sha256_of(gguf_path)
+        if digest != expected_sha256:
+            raise UserError(f"{gguf_path} has sha256 {digest}, expected {expected_sha256}")
+    try:
+        model, tokenizer = _load_hf(str(gguf_path.parent), torch.float32, gguf_file=gguf_path.name)
+    except UserError:
+        raise
+    except Exception as err:  # gguf's reader raises bare errors on truncated or corrupt files
+        raise UserError(f"{gguf_path}: not a readable GGUF model ({type(err).__name__}: {err})".splitlines()[0]) from None
+    # The dequantized weights are plain floats; a kept quantization_config would make
+    # from_pretrained try to re-quantize them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():  # another process won the race otherwise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    from fedspallm.assets import cache_dir, sha256_of
+
+    return cache_dir() / f"gguf-{gguf_path.stem}-{sha256_of(gguf_path)[:16]}"
+
+
+def resolve_model_path(cfg: ModelConfig) -> tuple[str, str | None]:
+    """Map ``model.name_or_path`` to (path or hub id, gguf file name or None)."""
+    name = cfg.name_or_path
+    if name == "default":
+        from fedspallm.assets import default_model_dir
+
+        return str(default_model_dir()), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model.name_or_path={name!r}: no such GGUF file")
+        target = _gguf_cache_dir(path)
+        if not (target / "config.json").exists():
+            convert_gguf_to_hf(path, target)
+        return str(target), None
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model.name_or_path={name!r}: directory has no config.json (not a Hugging Face model)")
+        return str(path), None
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model.name_or_path={name!r}: no such file or directory")
+    return name, None
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load a causal LM and its tokenizer in the dtype asked for."""
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"model.dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}")
+    path, gguf_file = resolve_model_path(cfg)
+    model, tokenizer = _load_hf(path, DTYPES[cfg.dtype], cfg.revision, cfg.trust_remote_code, gguf_file)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=path)
