@@ -159,6 +159,15 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, revision: str | None = None,
     return model, tokenizer
 
 
+def strip_quantization(model: nn.Module) -> None:
+    """GGUF weights arrive dequantized to plain floats; forget the quantizer so that
+    ``save_pretrained`` writes them and ``from_pretrained`` does not try to re-quantize them."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def convert_gguf_to_hf(gguf_path: Path, target: Path, expected_sha256: str | None = None) -> Path:
     """Dequantize a GGUF file once into a Hugging Face directory (atomically), and return it."""
     from fedspallm.assets import sha256_of
@@ -174,10 +183,7 @@ def convert_gguf_to_hf(gguf_path: Path, target: Path, expected_sha256: str | Non
         raise
     except Exception as err:  # gguf's reader raises bare errors on truncated or corrupt files
         raise UserError(f"{gguf_path}: not a readable GGUF model ({type(err).__name__}: {err})".splitlines()[0]) from None
-    # The dequantized weights are plain floats; a kept quantization_config would make
-    # from_pretrained try to re-quantize them.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    strip_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
