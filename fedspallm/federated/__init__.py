@@ -1,0 +1,1 @@
+"""The federation: server-side sampling and aggregation (pure functions), clients and rounds."""
