@@ -1,0 +1,107 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune column by column and let the OBS update move the
+pruning error onto the columns not yet visited, using the inverse Hessian of the layer input."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .common import PruneResult, check_finite, check_weight, num_to_prune, prune_lowest
+
+
+def inverse_hessian_cholesky(
+    hessian: torch.Tensor, percdamp: float = 0.01, max_damping_retries: int = 6
+) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp*I)^-1, i.e. (H + damp*I)^-1 = U^T U.
+
+    Damping starts at percdamp * mean(diag H) and is multiplied by 10 on every failure, because
+    a Hessian from few samples is often singular or, after rounding, slightly indefinite.
+    """
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean_diag = hessian.diagonal().mean().item()
+    damp = percdamp * mean_diag
+    for attempt in range(max_damping_retries + 1):
+        if attempt:
+            # Zero damping has nothing to multiply: fall back to the customary 1%.
+            damp = 10 * damp if damp > 0 else 0.01 * mean_diag
+            warnings.warn(
+                f"SparseGPT: Cholesky of the Hessian failed; retry {attempt}/{max_damping_retries} "
+                f"with damping {damp:.3g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if info.item() != 0:
+            continue
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if info.item() == 0 and torch.isfinite(upper).all():
+            return upper
+    raise FloatingPointError(
+        f"SparseGPT: the Hessian is not positive definite even with damping {damp:.3g} after "
+        f"{max_damping_retries} retries; use more calibration samples or a larger percdamp"
+    )
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_damping_retries: int = 6,
+) -> PruneResult:
+    """Prune ``weight`` [out, in] to ``sparsity`` (or N:M) given H = (2/n) sum X X^T [in, in]."""
+    check_weight(weight, sparsity, n, m)
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian must be [{cols}, {cols}], got {tuple(hessian.shape)}")
+    check_finite("hessian", hessian)
+    if n == 0 and sparsity == 0:
+        return PruneResult(weight.detach().clone(), torch.ones_like(weight, dtype=torch.bool))
+    if n:
+        # N:M groups must not straddle two tiles.
+        blocksize = max(m, blocksize - blocksize % m)
+
+    # Work on W^T so that a weight column is a contiguous row: the column loop below is then
+    # bandwidth-bound instead of stride-bound (over 10x faster on CPU).
+    Wt = weight.detach().T.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    H = hessian.detach().to(device=Wt.device, dtype=torch.float32, copy=True)
+    # An input that is always zero carries no information: its weights are free to go, and a
+    # unit diagonal keeps H invertible without coupling that input to the others.
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1
+    Wt[dead] = 0
+    Hinv = inverse_hessian_cholesky(H, percdamp, max_damping_retries)
+    del H
+
+    pruned_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)
+    for c0 in range(0, cols, blocksize):
+        c1 = min(c0 + blocksize, cols)
+        W1, P1, Hinv1 = Wt[c0:c1], pruned_t[c0:c1], Hinv[c0:c1, c0:c1]
+        d = Hinv1.diagonal()
+        Err1 = torch.empty_like(W1)
+        if n == 0:
+            # One selection over the whole tile: rows with more to spare give up more.
+            P1.copy_(~prune_lowest(W1.square() / d[:, None].square(), sparsity))
+        for i in range(c1 - c0):
+            if n and i % m == 0:
+                g = slice(i, i + m)
+                scores = (W1[g].square() / d[g, None].square()).T
+                P1[g] = ~prune_lowest(scores, 0.0, n, m).T
+            w = W1[i]
+            q = w.masked_fill(P1[i], 0)
+            err = (w - q) / d[i]
+            # Compensate on the columns not yet visited; write q itself so zeros are exact zeros.
+            W1[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * err)
+            W1[i] = q
+            Err1[i] = err
+        # The columns after the tile receive all of its updates at once, as one matmul.
+        Wt[c1:].addmm_(Hinv[c0:c1, c1:].T, Err1, alpha=-1)
+
+    mask = (~(pruned_t.T | dead)).contiguous()
+    W = Wt.T.masked_fill(~mask, 0)
+    check_finite("pruned weight", W)
+    return PruneResult(W.to(weight.dtype).contiguous(), mask)
