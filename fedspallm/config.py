@@ -265,3 +265,37 @@ def validate_output(cfg: OutputConfig) -> None:
     path = Path(cfg.dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir={cfg.dir!r}: exists and is not a directory")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the run executes. Under ``fabric run`` the launcher's --accelerator/--devices/--num-nodes win.
+
+    Args:
+        accelerator: auto, cpu, cuda, mps.
+        devices: processes (one per device) when started with ``python``/``fedspallm``; clients are spread over them.
+        num_nodes: nodes, for multi-node launches.
+        batch_size: calibration windows per forward pass.
+        progress: show progress bars (rank 0 only).
+        threads: torch threads per process; 0 = CPU cores divided by local processes.
+    """
+
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    batch_size: int = 8
+    progress: bool = True
+    threads: int = 0
+
+
+def validate_runtime(cfg: RuntimeConfig) -> None:
+    if cfg.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):
+        raise UserError(f"runtime.accelerator={cfg.accelerator!r}: use auto, cpu, cuda, gpu or mps")
+    if cfg.devices < 1:
+        raise UserError(f"runtime.devices={cfg.devices}: must be >= 1")
+    if cfg.num_nodes < 1:
+        raise UserError(f"runtime.num_nodes={cfg.num_nodes}: must be >= 1")
+    if cfg.batch_size < 1:
+        raise UserError(f"runtime.batch_size={cfg.batch_size}: must be >= 1")
+    if cfg.threads < 0:
+        raise UserError(f"runtime.threads={cfg.threads}: must be >= 0")

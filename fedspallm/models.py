@@ -87,17 +87,17 @@ def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return min(candidates, key=lambda item: item[0].count("."))[1]
 
 
-def blocks_prefix(model: nn.Module) -> str:
-    blocks = find_decoder_blocks(model)
-    for name, module in model.named_modules():
-        if module is blocks:
-            return name
-    raise AssertionError("unreachable: blocks come from named_modules")
-
-
 def find_prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
     """Prunable projections of one block, by their name inside the block, in forward order."""
     return {name: module for name, module in block.named_modules() if name and is_prunable(module)}
+
+
+def prunable_modules(model: nn.Module, blocks: list[int] | None = None) -> dict[str, nn.Module]:
+    """Prunable projections of the given blocks (all when None), by full module name, in block order."""
+    stack = find_decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is stack)
+    indices = range(len(stack)) if blocks is None else blocks
+    return {f"{prefix}.{b}.{name}": layer for b in indices for name, layer in find_prunable_layers(stack[b]).items()}
 
 
 def context_length(model: nn.Module) -> int | None:
