@@ -23,7 +23,7 @@ assets: install
 	$(PY) -m fedspallm.assets
 
 demo: assets
-	$(VENV)/bin/fabric run --accelerator cpu --devices $(DEVICES) fedspallm/main.py --config configs/default.yaml
+	$(VENV)/bin/fabric run --devices $(DEVICES) fedspallm/main.py --config configs/default.yaml
 
 test: assets
 	$(PY) -m pytest -q

@@ -95,7 +95,7 @@ def sparsegpt_prune(
             q = w.masked_fill(P1[i], 0)
             err = (w - q) / d[i]
             # Compensate on the columns not yet visited; write q itself so zeros are exact zeros.
-            W1[i + 1 :].sub_(Hinv1[i, i + 1 :, None] * err)
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
             W1[i] = q
             Err1[i] = err
         # The columns after the tile receive all of its updates at once, as one matmul.

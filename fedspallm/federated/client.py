@@ -1,0 +1,60 @@
+"""The client role: prune the sampled blocks of a local model on private windows, report what it would upload."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedspallm.calibration import PruneSpec, prune_sequential
+from fedspallm.federated.aggregation import upload_bytes
+from fedspallm.pruners import PruneResult
+
+
+@dataclass
+class ClientUpdate:
+    client_id: int
+    round_index: int
+    blocks: list[int]
+    pruned: dict[str, PruneResult]  # module name -> pruned weight and keep-mask
+    upload_bytes: int
+    tokens: int
+
+
+def mask_upload_bytes(mask: torch.Tensor) -> int:
+    """FedPrLLM clients send only a bitmask."""
+    return math.ceil(mask.numel() / 8)
+
+
+def client_round(
+    model: nn.Module,
+    windows: torch.Tensor,
+    spec: PruneSpec,
+    blocks: Sequence[int],
+    client_id: int,
+    round_index: int,
+    *,
+    masks_only: bool = False,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    offload: bool = False,
+    on_block: Callable[[int, int], None] | None = None,
+) -> ClientUpdate:
+    """One client's local work in one round. The model comes back exactly as it went in.
+
+    Calibration still runs through every block up to the last sampled one, so that a sampled block
+    sees inputs shaped by the blocks this client pruned before it, as in SparseGPT.
+    """
+    dtype = next(model.parameters()).dtype
+    result = prune_sequential(
+        model, windows, spec, blocks, batch_size=batch_size, device=device, offload=offload,
+        restore_dense=True, on_block=on_block,
+    )
+    if masks_only:
+        sent = sum(mask_upload_bytes(r.mask) for r in result.pruned.values())
+    else:
+        sent = sum(upload_bytes(r.mask, dtype) for r in result.pruned.values())
+    return ClientUpdate(client_id, round_index, sorted(blocks), result.pruned, sent, int(windows.numel()))

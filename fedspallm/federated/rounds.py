@@ -1,0 +1,202 @@
+"""Rounds of federated pruning: configure (sampling), local work (clients), aggregate (collectives).
+
+Every process plays the server too. It derives the same round plan from the seed, sums its own
+clients' contributions, and ``all_reduce(SUM)``s them; every process then computes the same
+aggregate and expansion, so nothing needs a broadcast. Only pruned weights, masks and counts cross
+process boundaries, never windows, activations or Hessians.
+
+Layout independence: keep counts are integers and weight sums are float64 sums of float32 values,
+so the aggregate does not depend on how clients are spread over processes (see README).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedspallm.calibration import PruneSpec
+from fedspallm.config import FederationConfig
+from fedspallm.errors import UserError
+from fedspallm.federated.aggregation import Contribution, aggregate, contribute, mask_vote, merge, prune_votes
+from fedspallm.federated.client import client_round
+from fedspallm.federated.sampling import (
+    blocks_per_client,
+    client_budgets,
+    round_rng,
+    sample_blocks,
+    uncovered_blocks,
+)
+from fedspallm.models import get_weight, prunable_modules, set_weight
+from fedspallm.pruners import magnitude_prune
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # all_reduce(SUM) across processes; identity in one process
+
+STRATEGIES = ("fedspallm", "fedavg", "mask_vote")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server configures: budgets and, for every round, each client's blocks."""
+
+    budgets: list[float]
+    blocks_per_client: list[int]
+    samples: list[list[list[int]]]  # [round][client] -> sorted block indices
+    num_blocks: int
+
+    def uncovered(self) -> list[int]:
+        covered = [sorted({b for round_ in self.samples for b in round_[c]}) for c in range(len(self.budgets))]
+        return uncovered_blocks(covered, self.num_blocks)
+
+
+def plan_rounds(cfg: FederationConfig, num_blocks: int, seed: int) -> RoundPlan:
+    budgets = client_budgets(cfg.budgets, cfg.num_clients, cfg.budget, tuple(cfg.budget_range))
+    ks = [blocks_per_client(r, num_blocks) for r in budgets]
+    samples = [sample_blocks(ks, num_blocks, cfg.sampling, round_rng(seed, t)) for t in range(cfg.rounds)]
+    return RoundPlan(budgets, ks, samples, num_blocks)
+
+
+def clients_of_rank(num_clients: int, world_size: int, rank: int) -> list[int]:
+    """Contiguous, balanced slices of the clients: rank r simulates clients [r*K//W, (r+1)*K//W)."""
+    if world_size > num_clients:
+        raise UserError(
+            f"{world_size} processes but federation.num_clients={num_clients}: every process needs at least one "
+            "client; launch fewer devices or add clients"
+        )
+    return list(range(rank * num_clients // world_size, (rank + 1) * num_clients // world_size))
+
+
+@dataclass
+class RoundLog:
+    round_index: int
+    samples: list[list[int]]  # client -> blocks pruned this round
+    upload_bytes: dict[int, int]  # client -> bytes (this rank's clients only, before gathering)
+    client_time_s: float
+    aggregate_time_s: float
+    wall_time_s: float
+
+
+@dataclass
+class FederationOutcome:
+    global_weights: dict[str, torch.Tensor]  # module name -> aggregated pruned weight, in the model dtype
+    masks: dict[str, torch.Tensor]
+    rounds: list[RoundLog] = field(default_factory=list)
+    uncovered: list[int] = field(default_factory=list)
+    collective_time_s: float = 0.0
+
+
+def _reduce_contributions(
+    local: dict[str, Contribution], names: dict[str, nn.Module], reduce: Reduce, masks_only: bool
+) -> tuple[dict[str, Contribution], float]:
+    """Sum every process's contributions for ``names`` (the same list, in the same order, on every rank)."""
+    start = time.perf_counter()
+    out: dict[str, Contribution] = {}
+    for name, layer in names.items():
+        shape = get_weight(layer).shape
+        mine = local.get(name)
+        keep = mine.keep_count if mine is not None else torch.zeros(shape, dtype=torch.int32)
+        count = torch.tensor([mine.contributors if mine is not None else 0], dtype=torch.int64)
+        keep, count = reduce(keep), reduce(count)
+        if masks_only:
+            weight_sum = torch.zeros((), dtype=torch.float64).expand(shape)
+        else:
+            weight_sum = mine.weight_sum if mine is not None else torch.zeros(shape, dtype=torch.float64)
+            weight_sum = reduce(weight_sum)
+        out[name] = Contribution(weight_sum=weight_sum, keep_count=keep, contributors=int(count.item()))
+    return out, time.perf_counter() - start
+
+
+def run_federation(
+    model: nn.Module,
+    client_windows: dict[int, torch.Tensor],
+    spec: PruneSpec,
+    cfg: FederationConfig,
+    plan: RoundPlan,
+    reduce: Reduce,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    offload: bool = False,
+    on_round_end: Callable[[int, FederationOutcome], None] | None = None,
+    on_client_block: Callable[[int, int, int], None] | None = None,
+) -> FederationOutcome:
+    """Run ``cfg.rounds`` rounds for this process's clients; return the global model's pruned matrices.
+
+    ``model`` holds the dense weights when called and the global model when this returns.
+    """
+    strategy = cfg.strategy
+    if strategy not in STRATEGIES:
+        raise UserError(f"federation.strategy={strategy!r} is not a round-based strategy ({', '.join(STRATEGIES)})")
+    uncovered = plan.uncovered()
+    if uncovered and cfg.uncovered == "error":
+        raise UserError(
+            f"blocks {uncovered} are pruned by no client in {cfg.rounds} round(s), so the target sparsity can't be "
+            "reached; raise federation.budgets or federation.rounds, use federation.sampling=systematic, or set "
+            "federation.uncovered to magnitude or dense"
+        )
+    masks_only = strategy == "mask_vote"
+    aggregation = "fedavg" if strategy == "fedavg" else cfg.aggregation
+    dtype = next(model.parameters()).dtype
+    n, m = spec.n, spec.m
+    dense = {name: get_weight(layer).detach().clone() for name, layer in prunable_modules(model).items()}
+    outcome = FederationOutcome(global_weights={}, masks={}, uncovered=uncovered)
+    pooled: dict[str, Contribution] = {}
+
+    for t in range(cfg.rounds):
+        started = time.perf_counter()
+        samples = plan.samples[t]
+        local: dict[str, Contribution] = {}
+        sent: dict[int, int] = {}
+        for client_id in sorted(client_windows):
+            blocks = samples[client_id]
+            progress = (lambda i, total, c=client_id: on_client_block(c, i, total)) if on_client_block else None
+            update = client_round(model, client_windows[client_id], spec, blocks, client_id, t, masks_only=masks_only,
+                                  batch_size=batch_size, device=device, offload=offload, on_block=progress)
+            for name, result in update.pruned.items():
+                local[name] = contribute(local.get(name), result.weight.cpu(), result.mask.cpu())
+            sent[client_id] = update.upload_bytes
+        client_time = time.perf_counter() - started
+
+        round_blocks = sorted({b for blocks in samples for b in blocks})
+        names = prunable_modules(model, round_blocks)
+        reduced, collective_time = _reduce_contributions(local, names, reduce, masks_only)
+        outcome.collective_time_s += collective_time
+        if cfg.client_base == "global":
+            pooled = reduced  # each round replaces the blocks it covers
+        else:
+            for name, contribution in reduced.items():
+                pooled[name] = merge(pooled[name], contribution) if name in pooled else contribution
+
+        agg_started = time.perf_counter()
+        for name, contribution in pooled.items():
+            if contribution.contributors == 0:
+                continue
+            if masks_only:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + t)
+                result = mask_vote(dense[name], prune_votes(contribution), spec.sparsity, n, m, generator)
+            else:
+                result = aggregate(contribution, aggregation, cfg.expansion, spec.sparsity, n, m)
+            outcome.global_weights[name] = result.weight.to(dtype)
+            outcome.masks[name] = result.mask
+        if t == cfg.rounds - 1 and uncovered and cfg.uncovered == "magnitude":
+            for name in prunable_modules(model, uncovered):
+                result = magnitude_prune(dense[name], spec.sparsity, n, m)
+                outcome.global_weights[name] = result.weight.to(dtype)
+                outcome.masks[name] = result.mask
+        aggregate_time = time.perf_counter() - agg_started
+
+        layers = prunable_modules(model)
+        for name, weight in outcome.global_weights.items():
+            set_weight(layers[name], weight)
+        outcome.rounds.append(RoundLog(t, samples, sent, client_time, aggregate_time, time.perf_counter() - started))
+        if on_round_end is not None:
+            on_round_end(t, outcome)
+        if cfg.client_base == "dense" and t < cfg.rounds - 1:
+            for name, layer in layers.items():
+                set_weight(layer, dense[name])
+    return outcome
+

@@ -1,0 +1,127 @@
+"""What a run leaves behind: results.json, the exported model, a compressed sparse export, a model card.
+
+Every write is atomic (temporary file or directory, then rename), so an interrupted run never
+leaves a half-written artefact under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedspallm.models import get_weight, prunable_modules, strip_quantization
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as tmp:
+        tmp.write(text)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def prunable_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every prunable projection's weight as [out, in], keyed by module name, in block order."""
+    return {name: get_weight(layer) for name, layer in prunable_modules(model).items()}
+
+
+def sparsity_report(model: nn.Module, target: float) -> dict[str, Any]:
+    """Achieved sparsity: overall (over prunable matrices) and per matrix, counting every zero."""
+    per_matrix: dict[str, float] = {}
+    zeros = total = 0
+    for name, weight in prunable_matrices(model).items():
+        z = int((weight == 0).sum())
+        per_matrix[name] = z / weight.numel()
+        zeros += z
+        total += weight.numel()
+    return {"target": target, "overall": zeros / total if total else 0.0, "per_matrix": per_matrix}
+
+
+def dense_zero_count(model: nn.Module) -> int:
+    return sum(int((w == 0).sum()) for w in prunable_matrices(model).values())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a dense full-model upload (every parameter once; tied weights once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def export_hf(model: nn.Module, tokenizer: Any, target: Path, card: str | None = None) -> Path:
+    """save_pretrained (safetensors) + tokenizer + model card, into ``target`` atomically."""
+    strip_quantization(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def model_card(results: dict[str, Any], config_yaml: str) -> str:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [pruning, sparse, fedspallm]",
+        "---",
+        f"# Pruned with fedspallm ({results['strategy']})",
+        "",
+        f"- pruner: {results['pruning']['method']}, pattern {results['pruning']['pattern']}, "
+        f"target sparsity {results['sparsity']['target']:.4f}, achieved {results['sparsity']['overall']:.4f}",
+        f"- clients: {results['num_clients']}, rounds: {results['rounds']}, seed: {results['seed']}",
+        "",
+        "## Perplexity",
+        "",
+        "| dataset | perplexity |",
+        "|---|---|",
+    ]
+    for name, value in results["perplexity"].items():
+        shown = value["mean"] if isinstance(value, dict) else value
+        lines.append(f"| {name} | {shown:.3f} |")
+    lines += ["", "## Per-layer sparsity", "", "| matrix | sparsity |", "|---|---|"]
+    for name, value in results["sparsity"]["per_matrix"].items():
+        lines.append(f"| {name} | {value:.4f} |")
+    lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,256 @@
+"""The ``prune`` recipe: centralized, standalone and federated pruning from one entry point."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+
+from fedspallm.calibration import PruneSpec, prune_sequential
+from fedspallm.config import (
+    DataConfig,
+    EvalConfig,
+    FederationConfig,
+    ModelConfig,
+    OutputConfig,
+    PruningConfig,
+    RuntimeConfig,
+    validate_data,
+    validate_eval,
+    validate_federation,
+    validate_model,
+    validate_output,
+    validate_pruning,
+    validate_runtime,
+)
+from fedspallm.data import eval_windows, plan_calibration
+from fedspallm.errors import UserError
+from fedspallm.federated.rounds import FederationOutcome, clients_of_rank, plan_rounds, run_federation
+from fedspallm.lit import CausalLMModule, evaluate_perplexity
+from fedspallm.models import context_length, find_decoder_blocks, load_model, prunable_modules
+from fedspallm.outputs import (
+    atomic_write_json,
+    dense_zero_count,
+    export_hf,
+    model_bytes,
+    model_card,
+    prunable_matrices,
+    sparsity_report,
+)
+from fedspallm.reporting import RunReporter
+from fedspallm.runtime import make_fabric, quiet_libraries
+
+
+def validate_all(model: ModelConfig, data: DataConfig, eval: EvalConfig, pruning: PruningConfig,
+                 federation: FederationConfig, output: OutputConfig, runtime: RuntimeConfig) -> None:
+    validate_model(model)
+    validate_data(data)
+    validate_eval(eval)
+    validate_pruning(pruning)
+    validate_federation(federation, data)
+    validate_output(output)
+    validate_runtime(runtime)
+    processes = runtime.devices * runtime.num_nodes
+    if federation.strategy != "centralized" and processes > federation.num_clients:
+        raise UserError(
+            f"runtime.devices={runtime.devices} x num_nodes={runtime.num_nodes} processes but "
+            f"federation.num_clients={federation.num_clients}: every process needs at least one client"
+        )
+
+
+def check_lengths(net: torch.nn.Module, data: DataConfig, eval: EvalConfig) -> None:
+    limit = context_length(net)
+    for key, seqlen in (("data.seqlen", data.seqlen), ("eval.seqlen", eval.seqlen)):
+        if limit is not None and seqlen > limit:
+            raise UserError(f"{key}={seqlen}: above the model's context of {limit} tokens")
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
+
+
+def evaluate_all(fabric: Fabric | None, module: CausalLMModule, sets: dict[str, torch.Tensor], batch_size: int,
+                 progress: bool) -> dict[str, float]:
+    return {name: evaluate_perplexity(fabric, module, windows, batch_size, description=f"eval {name}", progress=progress)
+            for name, windows in sets.items()}
+
+
+def prune(
+    seed: int = 0,
+    model: ModelConfig = ModelConfig(),
+    data: DataConfig = DataConfig(),
+    eval: EvalConfig = EvalConfig(),
+    pruning: PruningConfig = PruningConfig(),
+    federation: FederationConfig = FederationConfig(),
+    output: OutputConfig = OutputConfig(),
+    runtime: RuntimeConfig = RuntimeConfig(),
+    config_yaml: str = "",
+) -> dict[str, Any]:
+    """Prune a causal LM: federated (fedspallm, fedavg, mask_vote), centralized or standalone.
+
+    Args:
+        seed: seeds calibration sampling, client partitions, layer sampling and tie-breaks.
+    """
+    validate_all(model, data, eval, pruning, federation, output, runtime)
+    quiet_libraries()
+    started = time.perf_counter()
+    fabric = make_fabric(runtime, federation.collective_timeout_s)
+    strategy = federation.strategy
+    if strategy != "centralized" and fabric.world_size > federation.num_clients:
+        raise UserError(
+            f"{fabric.world_size} processes but federation.num_clients={federation.num_clients}: every process "
+            "needs at least one client; launch fewer devices or add clients"
+        )
+    torch.manual_seed(seed)
+    reporter = RunReporter(fabric, output.dir, runtime.progress)
+
+    loaded = load_model(model)
+    net, tokenizer = loaded.model, loaded.tokenizer
+    if not pruning.offload:
+        net.to(fabric.device)
+    check_lengths(net, data, eval)
+    eval_sets = {name: eval_windows(name, tokenizer, eval.seqlen, eval.max_windows) for name in eval.datasets}
+    calibration = plan_calibration(data.calibration, tokenizer, data.nsamples, data.seqlen, federation.num_clients,
+                                   data.partition, data.alpha, seed)
+    n, m = pruning.n_m
+    spec = PruneSpec(pruning.method, pruning.target_sparsity, n, m, pruning.blocksize, pruning.percdamp)
+    num_blocks = len(find_decoder_blocks(net))
+    dense_zeros = dense_zero_count(net)
+    load_s = time.perf_counter() - started
+    module = CausalLMModule(net)
+    prune_started = time.perf_counter()
+    extra: dict[str, Any] = {}
+    bytes_per_round: list[list[int]] = []
+    plan = None
+
+    if strategy == "centralized":
+        if fabric.global_rank == 0:
+            windows = calibration.all_windows()
+            with reporter.blocks(f"{pruning.method} (centralized)", num_blocks) as advance:
+                prune_sequential(net, windows, spec, batch_size=runtime.batch_size, device=fabric.device,
+                                 offload=pruning.offload, on_block=advance)
+        _broadcast_pruned(fabric, net)
+        prune_s = time.perf_counter() - prune_started
+        eval_started = time.perf_counter()
+        perplexity: dict[str, Any] = evaluate_all(fabric, module, eval_sets, eval.batch_size, runtime.progress)
+        eval_s = time.perf_counter() - eval_started
+    elif strategy == "standalone":
+        my_clients = clients_of_rank(federation.num_clients, fabric.world_size, fabric.global_rank)
+        windows = calibration.materialize(my_clients)
+        dense_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        scores = torch.zeros(federation.num_clients, len(eval_sets), dtype=torch.float64)
+        eval_s = 0.0
+        for client_id in my_clients:
+            with reporter.blocks(f"client {client_id} (standalone)", num_blocks) as advance:
+                prune_sequential(net, windows[client_id], spec, batch_size=runtime.batch_size, device=fabric.device,
+                                 offload=pruning.offload, on_block=advance)
+            if client_id == 0:
+                extra["sparsity"] = sparsity_report(net, spec.sparsity)  # every client prunes to the same target
+            eval_started = time.perf_counter()
+            local = evaluate_all(None, module, eval_sets, eval.batch_size, progress=False)
+            eval_s += time.perf_counter() - eval_started
+            scores[client_id] = torch.tensor(list(local.values()), dtype=torch.float64)
+            net.load_state_dict(dense_state)
+        scores = fabric.all_reduce(scores, reduce_op="sum") if fabric.world_size > 1 else scores
+        perplexity = {}
+        for j, name in enumerate(eval_sets):
+            col = scores[:, j].tolist()
+            perplexity[name] = {"mean": sum(col) / len(col), "min": min(col), "max": max(col), "per_client": col}
+        prune_s = time.perf_counter() - prune_started - eval_s
+    else:
+        plan = plan_rounds(federation, num_blocks, seed)
+        my_clients = clients_of_rank(federation.num_clients, fabric.world_size, fabric.global_rank)
+        windows = calibration.materialize(my_clients)
+
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            return fabric.all_reduce(tensor, reduce_op="sum") if fabric.world_size > 1 else tensor
+
+        def round_end(t: int, outcome: FederationOutcome) -> None:
+            reporter.log_round(t, outcome, plan, federation.num_clients, reduce)
+            if t < federation.rounds - 1 and federation.rounds > 1:
+                ppl = evaluate_all(fabric, module, eval_sets, eval.batch_size, progress=False)
+                reporter.log_metrics({f"perplexity/{k}": v for k, v in ppl.items()}, step=t)
+
+        with reporter.rounds(federation.rounds, len(my_clients), num_blocks) as hooks:
+            outcome = run_federation(
+                net, windows, spec, federation, plan, reduce, seed=seed, batch_size=runtime.batch_size,
+                device=fabric.device, offload=pruning.offload,
+                on_round_end=lambda t, o: (round_end(t, o), hooks.round_done()),
+                on_client_block=hooks.client_block,
+            )
+        bytes_per_round = reporter.bytes_per_round
+        extra["collective_time_s"] = outcome.collective_time_s
+        extra["uncovered_blocks"] = outcome.uncovered
+        extra["samples"] = plan.samples
+        extra["blocks_per_client"] = plan.blocks_per_client
+        extra["budgets"] = plan.budgets
+        prune_s = time.perf_counter() - prune_started
+        eval_started = time.perf_counter()
+        perplexity = evaluate_all(fabric, module, eval_sets, eval.batch_size, runtime.progress)
+        eval_s = time.perf_counter() - eval_started
+        reporter.log_metrics({f"perplexity/{k}": v for k, v in perplexity.items()}, step=federation.rounds - 1)
+
+    sparsity = extra.pop("sparsity", None) or sparsity_report(net, spec.sparsity)
+    results: dict[str, Any] = {
+        "strategy": strategy,
+        "pruning": {"method": pruning.method, "sparsity": spec.sparsity, "pattern": pruning.pattern},
+        "num_clients": federation.num_clients,
+        "rounds": federation.rounds,
+        "seed": seed,
+        "model": model.name_or_path,
+        "dtype": model.dtype,
+        "world_size": fabric.world_size,
+        "federation": asdict(federation),
+        "data": asdict(data),
+        "eval": asdict(eval),
+        "perplexity": perplexity,
+        "sparsity": sparsity,
+        "dense_zeros": dense_zeros,
+        "bytes": {
+            "upload_per_client_per_round": bytes_per_round,
+            "dense_model": model_bytes(net),
+            "dense_prunable": sum(w.numel() * w.element_size() for w in prunable_matrices(net).values()),
+        },
+        "wall_time_s": time.perf_counter() - started,
+        "timings": {"load_s": load_s, "prune_s": prune_s, "eval_s": eval_s},
+        "peak_rss_bytes": peak_rss_bytes(),
+        **extra,
+    }
+    peaks = fabric.all_reduce(torch.tensor([results["peak_rss_bytes"]], dtype=torch.float64), reduce_op="max") \
+        if fabric.world_size > 1 else None
+    if peaks is not None:
+        results["peak_rss_bytes_max_process"] = int(peaks.item())
+    if fabric.global_rank == 0:
+        run_dir = reporter.run_dir
+        results["model_dir"] = None
+        if output.save_model and strategy != "standalone":  # standalone has one model per client, none global
+            card = model_card(results, config_yaml)
+            results["model_dir"] = str(export_hf(net, tokenizer, run_dir / "model", card))
+        if output.save_compressed and strategy != "standalone":
+            from fedspallm.compressed import save_compressed
+
+            path = save_compressed(net, run_dir / "model_compressed.safetensors")
+            results["compressed_path"] = str(path)
+        results["wall_time_s"] = time.perf_counter() - started
+        atomic_write_json(run_dir / "results.json", results)
+        if config_yaml:
+            (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        reporter.log_sparsity(results["sparsity"])
+        reporter.summary(results)
+        reporter.close()
+    fabric.barrier()
+    return results
+
+
+def _broadcast_pruned(fabric: Fabric, net: torch.nn.Module) -> None:
+    """Centralized pruning runs on rank 0; the others need the same weights for data-parallel evaluation."""
+    if fabric.world_size == 1:
+        return
+    for layer in prunable_modules(net).values():
+        torch.distributed.broadcast(layer.weight.data, src=0)
