@@ -1,0 +1,142 @@
+"""Perplexity-evaluation throughput of the embedded default model, against this CPU's matmul peak.
+
+Everything is measured in one run, so the printed ratios compare like with like on a shared machine:
+
+(a) matmul peak, GFLOP/s: the best of several n x n products (2 n^3 FLOPs each), in float32 and
+    bfloat16. Two layouts are timed: ``A @ B.T`` (what ``nn.Linear`` computes) and ``A @ B``.
+(b) evaluation throughput, tokens/s: ``evaluate_perplexity`` on ``--windows`` x ``--seqlen`` tokens
+    of the default corpus's test split (``fedspallm.data.eval_windows``), batch ``--batch-size``.
+(c) achieved GFLOP/s = FLOPs per token x tokens/s, with the forward FLOPs per token estimated as
+
+        2 * N  +  2 * d * V  +  4 * L * T * d
+
+    N = non-embedding parameters (every weight except the token embedding and the lm_head; norms
+    included), d = hidden size, V = vocabulary, L = decoder blocks, T = seqlen. The first term is the
+    projections, the second the lm_head, the third attention (Q K^T and A V, 2 T d FLOPs each per
+    token per block). The attention term counts the full T x T score matrix; a causal kernel could
+    skip half of it, so this is an upper estimate of the useful work.
+
+The ratio achieved / peak is printed per dtype. bfloat16 is evaluated on fewer windows
+(``--bf16-windows``) because CPUs without native bf16 units are much slower in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import lightning as L
+import torch
+
+from fedspallm.config import ModelConfig
+from fedspallm.data import eval_windows
+from fedspallm.lit import CausalLMModule, evaluate_perplexity
+from fedspallm.models import find_decoder_blocks, load_model
+
+
+def matmul_gflops(n: int, dtype: torch.dtype, transposed: bool, repeats: int) -> float:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(dtype)
+    b = torch.randn(n, n, generator=generator).to(dtype)
+    rhs = b.t() if transposed else b
+    torch.matmul(a, rhs)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, rhs)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def flops_per_token(model: torch.nn.Module, seqlen: int) -> tuple[float, dict[str, float]]:
+    config = model.config.get_text_config()
+    d, vocab = config.hidden_size, config.vocab_size
+    layers = len(find_decoder_blocks(model))
+    embedding_weights = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in embedding_weights)
+    terms = {
+        "projections 2N": 2.0 * non_embedding,
+        "lm_head 2dV": 2.0 * d * vocab,
+        "attention 4LTd": 4.0 * layers * seqlen * d,
+    }
+    return sum(terms.values()), terms | {"N": float(non_embedding)}
+
+
+def timed_eval(fabric: L.Fabric, module: CausalLMModule, windows: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
+        module.model(input_ids=windows[:1, :64], use_cache=False)
+    start = time.perf_counter()
+    ppl = evaluate_perplexity(fabric, module, windows, batch_size=batch_size, progress=False)
+    return ppl, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--bf16-windows", type=int, default=1, help="0 skips the bfloat16 evaluation")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--matmul-n", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
+
+    # (a) peaks. bf16 A @ B (both row-major) can hit a slow reference kernel on CPUs without bf16
+    # units (0.2 GFLOP/s at n = 2048 on an AVX2 CPU); it is timed at n = 512 so that it cannot
+    # dominate the run.
+    peaks: dict[str, dict[str, tuple[int, float]]] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        n_ab, repeats_ab = (512, 3) if dtype == torch.bfloat16 else (args.matmul_n, args.repeats)
+        peaks[name] = {
+            "A@B.T": (args.matmul_n, matmul_gflops(args.matmul_n, dtype, True, repeats_ab)),
+            "A@B": (n_ab, matmul_gflops(n_ab, dtype, False, repeats_ab)),
+        }
+
+    # (b) evaluation throughput, (c) achieved GFLOP/s
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    start = time.perf_counter()
+    loaded = load_model(ModelConfig(dtype="float32"))
+    load_s = time.perf_counter() - start
+    model = loaded.model
+    windows = eval_windows("default", loaded.tokenizer, args.seqlen, args.windows)
+    per_token, terms = flops_per_token(model, args.seqlen)
+
+    runs = []
+    ppl, seconds = timed_eval(fabric, CausalLMModule(model), windows, args.batch_size)
+    runs.append(("float32", windows.shape[0], ppl, seconds))
+    if args.bf16_windows > 0:
+        sub = windows[: args.bf16_windows]
+        ppl32_sub = evaluate_perplexity(fabric, CausalLMModule(model), sub, args.batch_size, progress=False)
+        model.to(torch.bfloat16)
+        ppl16, seconds16 = timed_eval(fabric, CausalLMModule(model), sub, args.batch_size)
+        runs.append(("bfloat16", sub.shape[0], ppl16, seconds16))
+
+    print(f"\nfedspallm eval throughput: {loaded.source}")
+    print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; model loaded in {load_s:.1f} s")
+    print(f"  windows: eval_windows(\"default\") (test split), {windows.shape[0]} x {args.seqlen} tokens, batch {args.batch_size}")
+    print(f"  FLOPs/token = 2N + 2dV + 4LTd = {terms['projections 2N'] / 1e6:.1f}M + {terms['lm_head 2dV'] / 1e6:.1f}M"
+          f" + {terms['attention 4LTd'] / 1e6:.1f}M = {per_token / 1e6:.1f} MFLOP  (N = {terms['N'] / 1e6:.2f}M)")
+    print()
+    print(f"  {'matmul (GFLOP/s)':<12}{'A@B.T (Linear)':>18}{'A@B':>18}")
+    for name, row in peaks.items():
+        print(f"  {name:<12}" + "".join(f"{f'{gflops:.2f} n={n}':>18}" for n, gflops in row.values()))
+    print()
+    print(f"  {'eval':<10}{'windows':>8}{'seconds':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'peak':>8}{'achieved/peak':>15}{'ppl':>10}")
+    for name, count, value, seconds in runs:
+        tokens = count * args.seqlen
+        achieved = per_token * tokens / seconds / 1e9
+        peak = max(gflops for _, gflops in peaks[name].values())
+        print(f"  {name:<10}{count:>8}{seconds:>9.2f}{tokens / seconds:>10.1f}{achieved:>9.2f}{peak:>8.2f}"
+              f"{achieved / peak:>15.2f}{value:>10.3f}")
+    if args.bf16_windows > 0:
+        print(f"  bf16 vs fp32 perplexity on the same {runs[1][1]} window(s): {runs[1][2]:.3f} vs {ppl32_sub:.3f}")
+    print("  (tokens/s counts input tokens; each window predicts seqlen - 1 of them)")
+    print(f"  total bench time {time.perf_counter() - t0:.0f} s; 1-min load average {load_before:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end (on a shared CPU, other processes' load lowers the ratios)")
+
+
+if __name__ == "__main__":
+    main()
