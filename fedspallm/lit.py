@@ -29,13 +29,13 @@ from torchmetrics.text import Perplexity
 from fedspallm.errors import UserError
 
 
-def new_perplexity_metric() -> Perplexity:
+def new_perplexity_metric(sync: bool = True) -> Perplexity:
     """A :class:`Perplexity` whose NLL sum and token count are kept in float64.
 
     float32 states would lose about 1e-7 relative per added batch once the sum is large; float64
     makes the accumulated sum exact to far below anything a perplexity table shows.
     """
-    return Perplexity().set_dtype(torch.float64)
+    return Perplexity(sync_on_compute=sync).set_dtype(torch.float64)
 
 
 class CausalLMModule(L.LightningModule):
@@ -107,7 +107,7 @@ def _check_same_windows(fabric: L.Fabric, windows: torch.Tensor) -> None:
 
 
 def evaluate_perplexity(
-    fabric: L.Fabric,
+    fabric: L.Fabric | None,
     module: CausalLMModule,
     windows: torch.Tensor,
     batch_size: int = 4,
@@ -128,6 +128,9 @@ def evaluate_perplexity(
     (its previous mode is restored). Logits are cast to float32 before the softmax.
 
     A progress bar over rank 0's windows is shown on rank 0 when ``progress`` is true.
+
+    ``fabric=None`` evaluates every window in this process and syncs nothing, even inside a process
+    group: standalone clients score their own models this way.
     """
     _check_windows(windows, "windows")
     if batch_size < 1:
@@ -135,13 +138,13 @@ def evaluate_perplexity(
     inner = _unwrap(module)
     if not isinstance(inner, CausalLMModule):
         raise TypeError(f"evaluate_perplexity expects a CausalLMModule, got {type(inner).__name__}")
-    world_size, rank = fabric.world_size, fabric.global_rank
+    world_size, rank = (fabric.world_size, fabric.global_rank) if fabric is not None else (1, 0)
     if world_size > 1:
         _check_same_windows(fabric, windows)
 
     device = next(inner.parameters()).device
     shard = windows[rank::world_size]
-    metric = new_perplexity_metric().to(device)
+    metric = new_perplexity_metric(sync=fabric is not None).to(device)
     was_training = inner.training
     inner.eval()
     bar = None
