@@ -22,12 +22,14 @@ INTERNAL = {"config_yaml"}
 
 def _commands() -> dict[str, tuple[Callable[..., Any], str]]:
     from fedspallm.evaluate import test, validate
+    from fedspallm.plot import plot
     from fedspallm.prune import prune
 
     return {
         "prune": (prune, "Prune a model: federated (fedspallm, fedavg, mask_vote), centralized or standalone."),
         "validate": (validate, "Perplexity of a model (dense or pruned) on evaluation corpora."),
         "test": (test, "Same as validate (LightningCLI naming)."),
+        "plot": (plot, "Plot perplexity vs sparsity and per-layer sparsity from run directories."),
     }
 
 
@@ -40,7 +42,10 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser], dict[str,
     for name, (function, help_text) in _commands().items():
         sub = ArgumentParser(description=help_text, exit_on_error=False)
         sub.add_argument("--config", action=ActionConfigFile, help="A YAML config file (as written by --print_config).")
-        sub.add_function_arguments(function, skip=INTERNAL)
+        positional = getattr(function, "cli_positional", {})  # e.g. plot's RUN_DIR [RUN_DIR ...]
+        for key, help_positional in positional.items():
+            sub.add_argument(key, nargs="+", help=help_positional)
+        sub.add_function_arguments(function, skip=INTERNAL | set(positional))
         subcommands.add_subcommand(name, sub, help=help_text)
         subparsers[name] = sub
         functions[name] = function
