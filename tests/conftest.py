@@ -1,5 +1,9 @@
 """Shared fixtures: tiny random-initialised models of several families, built from configs (no hub)."""
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see fedspallm/__init__.py
+
 from __future__ import annotations
 
 import pytest
