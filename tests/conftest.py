@@ -1,10 +1,10 @@
 """Shared fixtures: tiny random-initialised models of several families, built from configs (no hub)."""
 
+from __future__ import annotations
+
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see fedspallm/__init__.py
-
-from __future__ import annotations
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see fedspallm/__init__.py; must precede torch
 
 import pytest
 import torch
