@@ -148,6 +148,7 @@ def sparsity_heatmap(per_matrix: dict[str, float]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     cells = [split_matrix_name(name) + (value,) for name, value in per_matrix.items()]
     modules = list(dict.fromkeys(module for _, module, _ in cells))
@@ -159,6 +160,7 @@ def sparsity_heatmap(per_matrix: dict[str, float]):
     image = axis.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     axis.set_yticks(range(len(modules)), modules)
     axis.set_xlabel("block")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.colorbar(image, ax=axis, label="sparsity")
     figure.tight_layout()
     return figure
