@@ -9,7 +9,10 @@ Errors in the user's input print one ``error: ...`` line and exit with status 2.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,12 +62,79 @@ def _dump(sub: ArgumentParser, cfg: Namespace) -> str:
     return sub.dump(cfg, skip_none=False)
 
 
+_KEY = re.compile(r'Parser key "([^"]+)"')
+_GOT = re.compile(r"Expected a (.+?)\. Got value: (.*)$")
+_TYPE_NAMES = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+               "list": "a list such as [a, b]", "dict": "a mapping", "NoneType": "null"}
+
+
+def _allowed(type_text: str) -> str:
+    """"typing.Literal['a', 'b']" -> "one of a, b"; "<class 'int'>" -> "an integer"."""
+    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", type_text.strip())
+    if literal:
+        return "one of " + ", ".join(v.strip().strip("'\"") for v in literal.group(1).split(","))
+    plain = re.fullmatch(r"<class '(\w+)'>", type_text.strip())
+    if plain:
+        return _TYPE_NAMES.get(plain.group(1), plain.group(1))
+    return type_text.replace("typing.", "")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split "a[b, c], d" at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return parts + [text[start:].strip()]
+
+
 def _first_line(err: BaseException) -> str:
+    """One line from a jsonargparse error: the key, the value given and what is allowed."""
     text = str(err).strip() or type(err).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    key = _KEY.search(text)
+    if key is not None:
+        got = next((m for m in map(_GOT.search, lines) if m), None)
+        if got is not None and "Subtypes:" not in text:
+            return f"{key.group(1)}={got.group(2)!r}: expected {_allowed(got.group(1))}"
+        given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+        subtypes = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Subtypes:")), None)
+        if given is not None and subtypes is not None:
+            kinds = [_allowed(t) for t in _split_top_level(subtypes[1:-1])]
+            return f"{key.group(1)}={given}: expected {' or '.join(kinds)}"
+        reason = text[key.end():].lstrip(": \n").splitlines()[0].strip()
+        if reason:
+            return f"--{key.group(1)}: {reason}"
     # jsonargparse nests the reason under a generic header; the most specific line is the useful one.
     specific = [line for line in lines if not line.startswith(("Parser key", "Problem with given class", "- "))]
     return (specific or lines)[0] if len(lines) < 3 else "; ".join(lines[:3])
+
+
+def _rank() -> int:
+    """This process's global rank, before or after the process group exists (0 when alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for name in ("RANK", "LOCAL_RANK"):
+        if os.environ.get(name, "0").isdigit() and int(os.environ.get(name, "0")):
+            return int(os.environ[name])
+    return 0
+
+
+def _fail(message: str, code: int, *, every_rank_same: bool = False, quiet: bool = False) -> None:
+    """Print ``error: <message>`` once for the run, and exit with ``code``.
+
+    An error that every process raises alike is printed by rank 0 only; the others wait a moment
+    so that the launcher (which stops all processes when one exits) lets rank 0 print it first.
+    """
+    if quiet or (every_rank_same and _rank() != 0):
+        time.sleep(1.0)
+    else:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code) from None
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -81,11 +151,10 @@ def main(argv: list[str] | None = None) -> Any:
             kwargs["config_yaml"] = config_yaml
         return functions[name](**kwargs)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(err), getattr(err, "exit_code", 2), every_rank_same=getattr(err, "same_on_every_rank", False),
+              quiet=getattr(err, "quiet", False))
     except ArgumentError as err:
-        print(f"error: {_first_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(_first_line(err), 2, every_rank_same=True)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -257,7 +257,7 @@ def validate_federation(cfg: FederationConfig, data: DataConfig) -> None:
     low, high = cfg.budget_range
     if not 0 < low <= high <= 1:
         raise UserError(f"federation.budget_range={list(cfg.budget_range)}: need 0 < low <= high <= 1")
-    if not cfg.collective_timeout_s > 0:
+    if not (math.isfinite(cfg.collective_timeout_s) and cfg.collective_timeout_s > 0):
         raise UserError(f"federation.collective_timeout_s={cfg.collective_timeout_s}: must be > 0")
 
 
@@ -277,7 +277,9 @@ class RuntimeConfig:
         num_nodes: nodes, for multi-node launches.
         batch_size: calibration windows per forward pass.
         progress: show progress bars (rank 0 only).
-        threads: torch threads per process; 0 = CPU cores divided by local processes.
+        threads: torch threads per process; 0 = CPU cores divided by local processes. Results are
+            bitwise identical across process layouts only at the same threads per process (BLAS
+            reductions depend on it); pin it (e.g. 1) to compare layouts.
     """
 
     accelerator: str = "auto"

@@ -20,19 +20,12 @@ from fedspallm.config import (
     OutputConfig,
     PruningConfig,
     RuntimeConfig,
-    validate_data,
-    validate_eval,
-    validate_federation,
-    validate_model,
-    validate_output,
-    validate_pruning,
-    validate_runtime,
 )
 from fedspallm.data import eval_windows, plan_calibration
 from fedspallm.errors import UserError
 from fedspallm.federated.rounds import FederationOutcome, clients_of_rank, plan_rounds, run_federation
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
-from fedspallm.models import context_length, find_decoder_blocks, load_model, prunable_modules
+from fedspallm.models import find_decoder_blocks, load_model, prunable_modules
 from fedspallm.outputs import (
     atomic_write_json,
     dense_zero_count,
@@ -42,32 +35,15 @@ from fedspallm.outputs import (
     prunable_matrices,
     sparsity_report,
 )
+from fedspallm.preflight import check_lengths, preflight, same_on_every_rank, validate_config
 from fedspallm.reporting import RunReporter
 from fedspallm.runtime import make_fabric, quiet_libraries
 
 
 def validate_all(model: ModelConfig, data: DataConfig, eval: EvalConfig, pruning: PruningConfig,
                  federation: FederationConfig, output: OutputConfig, runtime: RuntimeConfig) -> None:
-    validate_model(model)
-    validate_data(data)
-    validate_eval(eval)
-    validate_pruning(pruning)
-    validate_federation(federation, data)
-    validate_output(output)
-    validate_runtime(runtime)
-    processes = runtime.devices * runtime.num_nodes
-    if federation.strategy != "centralized" and processes > federation.num_clients:
-        raise UserError(
-            f"runtime.devices={runtime.devices} x num_nodes={runtime.num_nodes} processes but "
-            f"federation.num_clients={federation.num_clients}: every process needs at least one client"
-        )
-
-
-def check_lengths(net: torch.nn.Module, data: DataConfig, eval: EvalConfig) -> None:
-    limit = context_length(net)
-    for key, seqlen in (("data.seqlen", data.seqlen), ("eval.seqlen", eval.seqlen)):
-        if limit is not None and seqlen > limit:
-            raise UserError(f"{key}={seqlen}: above the model's context of {limit} tokens")
+    """Every config value and the rules between them (no files opened); see :mod:`fedspallm.preflight`."""
+    validate_config(model, data, eval, pruning, federation, output, runtime)
 
 
 def peak_rss_bytes() -> int:
@@ -97,16 +73,16 @@ def prune(
     Args:
         seed: seeds calibration sampling, client partitions, layer sampling and tie-breaks.
     """
-    validate_all(model, data, eval, pruning, federation, output, runtime)
+    preflight(seed, model, data, eval, pruning, federation, output, runtime)  # before any weights load
     quiet_libraries()
     started = time.perf_counter()
     fabric = make_fabric(runtime, federation.collective_timeout_s)
     strategy = federation.strategy
     if strategy != "centralized" and fabric.world_size > federation.num_clients:
-        raise UserError(
+        raise same_on_every_rank(UserError(
             f"{fabric.world_size} processes but federation.num_clients={federation.num_clients}: every process "
             "needs at least one client; launch fewer devices or add clients"
-        )
+        ))
     torch.manual_seed(seed)
     reporter = RunReporter(fabric, output.dir, runtime.progress)
 

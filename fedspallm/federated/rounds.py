@@ -86,6 +86,8 @@ class FederationOutcome:
     rounds: list[RoundLog] = field(default_factory=list)
     uncovered: list[int] = field(default_factory=list)
     collective_time_s: float = 0.0
+    pooled: dict[str, Contribution] = field(default_factory=dict)  # the sums the next round adds to
+    completed_rounds: int = 0
 
 
 def _reduce_contributions(
@@ -107,6 +109,18 @@ def _reduce_contributions(
             weight_sum = reduce(weight_sum)
         out[name] = Contribution(weight_sum=weight_sum, keep_count=keep, contributors=int(count.item()))
     return out, time.perf_counter() - start
+
+
+def check_coverage(plan: RoundPlan, cfg: FederationConfig) -> list[int]:
+    """The blocks no client prunes in any round; an error unless ``federation.uncovered`` handles them."""
+    uncovered = plan.uncovered()
+    if uncovered and cfg.uncovered == "error":
+        raise UserError(
+            f"blocks {uncovered} are pruned by no client in {cfg.rounds} round(s), so the target sparsity can't be "
+            "reached; raise federation.budgets or federation.rounds, use federation.sampling=systematic, or set "
+            "federation.uncovered to magnitude or dense"
+        )
+    return uncovered
 
 
 def run_federation(
@@ -131,72 +145,88 @@ def run_federation(
     strategy = cfg.strategy
     if strategy not in STRATEGIES:
         raise UserError(f"federation.strategy={strategy!r} is not a round-based strategy ({', '.join(STRATEGIES)})")
-    uncovered = plan.uncovered()
-    if uncovered and cfg.uncovered == "error":
-        raise UserError(
-            f"blocks {uncovered} are pruned by no client in {cfg.rounds} round(s), so the target sparsity can't be "
-            "reached; raise federation.budgets or federation.rounds, use federation.sampling=systematic, or set "
-            "federation.uncovered to magnitude or dense"
-        )
-    masks_only = strategy == "mask_vote"
-    aggregation = "fedavg" if strategy == "fedavg" else cfg.aggregation
-    dtype = next(model.parameters()).dtype
-    n, m = spec.n, spec.m
+    uncovered = check_coverage(plan, cfg)
     dense = {name: get_weight(layer).detach().clone() for name, layer in prunable_modules(model).items()}
     outcome = FederationOutcome(global_weights={}, masks={}, uncovered=uncovered)
-    pooled: dict[str, Contribution] = {}
-
-    for t in range(cfg.rounds):
-        started = time.perf_counter()
-        samples = plan.samples[t]
-        local: dict[str, Contribution] = {}
-        sent: dict[int, int] = {}
-        for client_id in sorted(client_windows):
-            blocks = samples[client_id]
-            progress = (lambda i, total, c=client_id: on_client_block(c, i, total)) if on_client_block else None
-            update = client_round(model, client_windows[client_id], spec, blocks, client_id, t, masks_only=masks_only,
-                                  batch_size=batch_size, device=device, offload=offload, on_block=progress)
-            for name, result in update.pruned.items():
-                local[name] = contribute(local.get(name), result.weight.cpu(), result.mask.cpu())
-            sent[client_id] = update.upload_bytes
-        client_time = time.perf_counter() - started
-
-        round_blocks = sorted({b for blocks in samples for b in blocks})
-        names = prunable_modules(model, round_blocks)
-        reduced, collective_time = _reduce_contributions(local, names, reduce, masks_only)
-        outcome.collective_time_s += collective_time
-        if cfg.client_base == "global":
-            pooled = reduced  # each round replaces the blocks it covers
-        else:
-            for name, contribution in reduced.items():
-                pooled[name] = merge(pooled[name], contribution) if name in pooled else contribution
-
-        agg_started = time.perf_counter()
-        for name, contribution in pooled.items():
-            if contribution.contributors == 0:
-                continue
-            if masks_only:
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + t)
-                result = mask_vote(dense[name], prune_votes(contribution), spec.sparsity, n, m, generator)
-            else:
-                result = aggregate(contribution, aggregation, cfg.expansion, spec.sparsity, n, m)
-            outcome.global_weights[name] = result.weight.to(dtype)
-            outcome.masks[name] = result.mask
-        if t == cfg.rounds - 1 and uncovered and cfg.uncovered == "magnitude":
-            for name in prunable_modules(model, uncovered):
-                result = magnitude_prune(dense[name], spec.sparsity, n, m)
-                outcome.global_weights[name] = result.weight.to(dtype)
-                outcome.masks[name] = result.mask
-        aggregate_time = time.perf_counter() - agg_started
-
-        layers = prunable_modules(model)
-        for name, weight in outcome.global_weights.items():
-            set_weight(layers[name], weight)
-        outcome.rounds.append(RoundLog(t, samples, sent, client_time, aggregate_time, time.perf_counter() - started))
+    for t in range(outcome.completed_rounds, cfg.rounds):
+        _run_round(t, model, client_windows, spec, cfg, plan, reduce, dense, outcome, seed=seed,
+                   batch_size=batch_size, device=device, offload=offload, on_client_block=on_client_block)
         if on_round_end is not None:
             on_round_end(t, outcome)
         if cfg.client_base == "dense" and t < cfg.rounds - 1:
-            for name, layer in layers.items():
+            for name, layer in prunable_modules(model).items():
                 set_weight(layer, dense[name])
     return outcome
 
+
+def _load_global(model: nn.Module, outcome: FederationOutcome) -> None:
+    layers = prunable_modules(model)
+    for name, weight in outcome.global_weights.items():
+        set_weight(layers[name], weight)
+
+
+def _local_work(
+    t: int, model: nn.Module, client_windows: dict[int, torch.Tensor], spec: PruneSpec, cfg: FederationConfig,
+    samples: list[list[int]], masks_only: bool, on_client_block: Callable | None, **engine,
+) -> tuple[dict[str, Contribution], dict[int, int]]:
+    """This process's clients prune their sampled blocks; their contributions are summed locally."""
+    local: dict[str, Contribution] = {}
+    sent: dict[int, int] = {}
+    for client_id in sorted(client_windows):
+        progress = (lambda i, total, c=client_id: on_client_block(c, i, total)) if on_client_block else None
+        update = client_round(model, client_windows[client_id], spec, samples[client_id], client_id, t,
+                              masks_only=masks_only, on_block=progress, **engine)
+        for name, result in update.pruned.items():
+            local[name] = contribute(local.get(name), result.weight.cpu(), result.mask.cpu())
+        sent[client_id] = update.upload_bytes
+    return local, sent
+
+
+def _run_round(
+    t: int, model: nn.Module, client_windows: dict[int, torch.Tensor], spec: PruneSpec, cfg: FederationConfig,
+    plan: RoundPlan, reduce: Reduce, dense: dict[str, torch.Tensor], outcome: FederationOutcome,
+    *, seed: int, on_client_block: Callable | None, **engine,
+) -> None:
+    """One round: local work, all-reduce, aggregation of everything pooled so far; the model ends global."""
+    started = time.perf_counter()
+    masks_only = cfg.strategy == "mask_vote"
+    aggregation = "fedavg" if cfg.strategy == "fedavg" else cfg.aggregation
+    dtype = next(model.parameters()).dtype
+    n, m = spec.n, spec.m
+    samples = plan.samples[t]
+    local, sent = _local_work(t, model, client_windows, spec, cfg, samples, masks_only, on_client_block, **engine)
+    client_time = time.perf_counter() - started
+
+    round_blocks = sorted({b for blocks in samples for b in blocks})
+    names = prunable_modules(model, round_blocks)
+    reduced, collective_time = _reduce_contributions(local, names, reduce, masks_only)
+    outcome.collective_time_s += collective_time
+    pooled = outcome.pooled
+    if cfg.client_base == "global":
+        pooled.clear()  # each round replaces the blocks it covers
+        pooled.update(reduced)
+    else:
+        for name, contribution in reduced.items():
+            pooled[name] = merge(pooled[name], contribution) if name in pooled else contribution
+
+    agg_started = time.perf_counter()
+    for name, contribution in pooled.items():
+        if contribution.contributors == 0:
+            continue
+        if masks_only:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + t)
+            result = mask_vote(dense[name], prune_votes(contribution), spec.sparsity, n, m, generator)
+        else:
+            result = aggregate(contribution, aggregation, cfg.expansion, spec.sparsity, n, m)
+        outcome.global_weights[name] = result.weight.to(dtype)
+        outcome.masks[name] = result.mask
+    if t == cfg.rounds - 1 and outcome.uncovered and cfg.uncovered == "magnitude":
+        for name in prunable_modules(model, outcome.uncovered):
+            result = magnitude_prune(dense[name], spec.sparsity, n, m)
+            outcome.global_weights[name] = result.weight.to(dtype)
+            outcome.masks[name] = result.mask
+    aggregate_time = time.perf_counter() - agg_started
+
+    _load_global(model, outcome)
+    outcome.rounds.append(RoundLog(t, samples, sent, client_time, aggregate_time, time.perf_counter() - started))
+    outcome.completed_rounds = t + 1
