@@ -133,7 +133,17 @@ class FederationConfig:
         uncovered: what to do with blocks no client pruned: error, magnitude (server prunes them by
             magnitude) or dense (left dense; the shortfall is reported).
         collective_timeout_s: a collective that waits longer than this fails the run (a dead or
-            hung client never hangs the others forever).
+            hung client never hangs the others forever). A process that dies is noticed at once on
+            CPU (gloo closes the connection); a hung one after this many seconds. The run then
+            stops with one line naming the clients and the round.
+        on_client_failure: what a failed client does to the run. Only "stop" is offered: the
+            processes share one gloo/NCCL process group, and such a group cannot shrink after a
+            member dies or hangs; every survivor's next collective fails and the group would have
+            to be re-initialised by every process (an elastic restart).
+        fail_client: fault injection, for tests: this client's process dies (or hangs) in round
+            fail_round, after pruning its first block. null (the default) injects nothing.
+        fail_round: the round (1-based) in which fail_client fails.
+        fail_mode: exit (the process dies at once, as in a crash) or hang (it stops making progress).
     """
 
     strategy: Literal["fedspallm", "centralized", "standalone", "fedavg", "mask_vote"] = "fedspallm"
@@ -148,6 +158,10 @@ class FederationConfig:
     client_base: Literal["dense", "global"] = "dense"
     uncovered: Literal["error", "magnitude", "dense"] = "error"
     collective_timeout_s: float = 600.0
+    on_client_failure: Literal["stop"] = "stop"
+    fail_client: Optional[int] = None
+    fail_round: int = 1
+    fail_mode: Literal["exit", "hang"] = "exit"
 
 
 @dataclass
@@ -259,6 +273,12 @@ def validate_federation(cfg: FederationConfig, data: DataConfig) -> None:
         raise UserError(f"federation.budget_range={list(cfg.budget_range)}: need 0 < low <= high <= 1")
     if not (math.isfinite(cfg.collective_timeout_s) and cfg.collective_timeout_s > 0):
         raise UserError(f"federation.collective_timeout_s={cfg.collective_timeout_s}: must be > 0")
+    if cfg.fail_client is not None and not 0 <= cfg.fail_client < cfg.num_clients:
+        raise UserError(
+            f"federation.fail_client={cfg.fail_client}: must be a client id in 0..{cfg.num_clients - 1} or null"
+        )
+    if not 1 <= cfg.fail_round <= cfg.rounds:
+        raise UserError(f"federation.fail_round={cfg.fail_round}: must be in 1..{cfg.rounds} (federation.rounds)")
 
 
 def validate_output(cfg: OutputConfig) -> None:

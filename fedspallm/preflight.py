@@ -108,6 +108,10 @@ def validate_config(model: ModelConfig, data: DataConfig, eval: EvalConfig, prun
             f"{flag}: {processes} processes but federation.num_clients={federation.num_clients}; every process "
             "needs at least one client: launch at most that many processes, or add clients"
         )
+    if federation.strategy not in ROUND_BASED:
+        if federation.fail_client is not None:
+            raise UserError(f"federation.fail_client={federation.fail_client!r}: only for round-based strategies "
+                            f"({', '.join(ROUND_BASED)}), not federation.strategy={federation.strategy}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from fedspallm.config import (
 )
 from fedspallm.data import eval_windows, plan_calibration
 from fedspallm.errors import UserError
+from fedspallm.federated.faults import RoundWatch
 from fedspallm.federated.rounds import FederationOutcome, clients_of_rank, plan_rounds, run_federation
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
 from fedspallm.models import find_decoder_blocks, load_model, prunable_modules
@@ -153,12 +154,13 @@ def prune(
                 ppl = evaluate_all(fabric, module, eval_sets, eval.batch_size, progress=False)
                 reporter.log_metrics({f"perplexity/{k}": v for k, v in ppl.items()}, step=t)
 
+        watch = RoundWatch.for_fabric(fabric, federation.num_clients, federation.rounds, federation.collective_timeout_s)
         with reporter.rounds(federation.rounds, len(my_clients), num_blocks) as hooks:
             outcome = run_federation(
                 net, windows, spec, federation, plan, reduce, seed=seed, batch_size=runtime.batch_size,
                 device=fabric.device, offload=pruning.offload,
                 on_round_end=lambda t, o: (round_end(t, o), hooks.round_done()),
-                on_client_block=hooks.client_block,
+                on_client_block=hooks.client_block, watch=watch,
             )
         bytes_per_round = reporter.bytes_per_round
         extra["collective_time_s"] = outcome.collective_time_s

@@ -119,6 +119,9 @@ CASES = [
     ("more-devices-than-clients", ["--runtime.devices", "4"], ["runtime.devices=4", "num_clients=2"]),
     ("negative-threads", ["--runtime.threads", "-1"], ["runtime.threads=-1"]),
     ("zero-timeout", ["--federation.collective_timeout_s", "0"], ["federation.collective_timeout_s=0.0"]),
+    ("fail-client-out-of-range", ["--federation.fail_client", "5"], ["federation.fail_client=5", "0..1"]),
+    ("fail-round-out-of-range", ["--federation.fail_round", "3"], ["federation.fail_round=3", "1..1"]),
+    ("unknown-fail-mode", ["--federation.fail_mode", "crash"], ["federation.fail_mode='crash'", "exit, hang"]),
     ("unknown-key", ["--pruning.foo", "1"], ["unrecognized arguments", "--pruning.foo"]),
     ("missing-config-file", ["--config", "{bad}/none.yaml"], ["--config", "does not exist"]),
 ]

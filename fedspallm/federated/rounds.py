@@ -23,6 +23,7 @@ from fedspallm.config import FederationConfig
 from fedspallm.errors import UserError
 from fedspallm.federated.aggregation import Contribution, aggregate, contribute, mask_vote, merge, prune_votes
 from fedspallm.federated.client import client_round
+from fedspallm.federated.faults import RoundWatch, inject_fault
 from fedspallm.federated.sampling import (
     blocks_per_client,
     client_budgets,
@@ -137,10 +138,12 @@ def run_federation(
     offload: bool = False,
     on_round_end: Callable[[int, FederationOutcome], None] | None = None,
     on_client_block: Callable[[int, int, int], None] | None = None,
+    watch: RoundWatch | None = None,
 ) -> FederationOutcome:
     """Run ``cfg.rounds`` rounds for this process's clients; return the global model's pruned matrices.
 
     ``model`` holds the dense weights when called and the global model when this returns.
+    ``watch`` marks progress for fault diagnosis (see :mod:`fedspallm.federated.faults`).
     """
     strategy = cfg.strategy
     if strategy not in STRATEGIES:
@@ -148,14 +151,18 @@ def run_federation(
     uncovered = check_coverage(plan, cfg)
     dense = {name: get_weight(layer).detach().clone() for name, layer in prunable_modules(model).items()}
     outcome = FederationOutcome(global_weights={}, masks={}, uncovered=uncovered)
-    for t in range(outcome.completed_rounds, cfg.rounds):
-        _run_round(t, model, client_windows, spec, cfg, plan, reduce, dense, outcome, seed=seed,
-                   batch_size=batch_size, device=device, offload=offload, on_client_block=on_client_block)
-        if on_round_end is not None:
-            on_round_end(t, outcome)
-        if cfg.client_base == "dense" and t < cfg.rounds - 1:
-            for name, layer in prunable_modules(model).items():
-                set_weight(layer, dense[name])
+    if watch is None:
+        watch = RoundWatch(0, 1, cfg.num_clients, cfg.rounds, cfg.collective_timeout_s)
+    with watch:
+        for t in range(outcome.completed_rounds, cfg.rounds):
+            with watch.round(t):
+                _run_round(t, model, client_windows, spec, cfg, plan, reduce, dense, outcome, watch, seed=seed,
+                           batch_size=batch_size, device=device, offload=offload, on_client_block=on_client_block)
+                if on_round_end is not None:
+                    on_round_end(t, outcome)
+            if cfg.client_base == "dense" and t < cfg.rounds - 1:
+                for name, layer in prunable_modules(model).items():
+                    set_weight(layer, dense[name])
     return outcome
 
 
@@ -167,15 +174,23 @@ def _load_global(model: nn.Module, outcome: FederationOutcome) -> None:
 
 def _local_work(
     t: int, model: nn.Module, client_windows: dict[int, torch.Tensor], spec: PruneSpec, cfg: FederationConfig,
-    samples: list[list[int]], masks_only: bool, on_client_block: Callable | None, **engine,
+    samples: list[list[int]], watch: RoundWatch, masks_only: bool, on_client_block: Callable | None, **engine,
 ) -> tuple[dict[str, Contribution], dict[int, int]]:
     """This process's clients prune their sampled blocks; their contributions are summed locally."""
     local: dict[str, Contribution] = {}
     sent: dict[int, int] = {}
     for client_id in sorted(client_windows):
-        progress = (lambda i, total, c=client_id: on_client_block(c, i, total)) if on_client_block else None
-        update = client_round(model, client_windows[client_id], spec, samples[client_id], client_id, t,
-                              masks_only=masks_only, on_block=progress, **engine)
+        fault = cfg.fail_mode if cfg.fail_client == client_id and cfg.fail_round == t + 1 else None
+
+        def on_block(i: int, total: int, c: int = client_id, fault: str | None = fault) -> None:
+            if on_client_block is not None:
+                on_client_block(c, i, total)
+            if fault is not None:
+                inject_fault(fault, c, t)  # after the client's first block: mid-round
+
+        with watch.client(t, client_id):
+            update = client_round(model, client_windows[client_id], spec, samples[client_id], client_id, t,
+                                  masks_only=masks_only, on_block=on_block, **engine)
         for name, result in update.pruned.items():
             local[name] = contribute(local.get(name), result.weight.cpu(), result.mask.cpu())
         sent[client_id] = update.upload_bytes
@@ -185,7 +200,7 @@ def _local_work(
 def _run_round(
     t: int, model: nn.Module, client_windows: dict[int, torch.Tensor], spec: PruneSpec, cfg: FederationConfig,
     plan: RoundPlan, reduce: Reduce, dense: dict[str, torch.Tensor], outcome: FederationOutcome,
-    *, seed: int, on_client_block: Callable | None, **engine,
+    watch: RoundWatch, *, seed: int, on_client_block: Callable | None, **engine,
 ) -> None:
     """One round: local work, all-reduce, aggregation of everything pooled so far; the model ends global."""
     started = time.perf_counter()
@@ -194,11 +209,13 @@ def _run_round(
     dtype = next(model.parameters()).dtype
     n, m = spec.n, spec.m
     samples = plan.samples[t]
-    local, sent = _local_work(t, model, client_windows, spec, cfg, samples, masks_only, on_client_block, **engine)
+    local, sent = _local_work(t, model, client_windows, spec, cfg, samples, watch, masks_only, on_client_block,
+                              **engine)
     client_time = time.perf_counter() - started
 
     round_blocks = sorted({b for blocks in samples for b in blocks})
     names = prunable_modules(model, round_blocks)
+    watch.arrived(t)
     reduced, collective_time = _reduce_contributions(local, names, reduce, masks_only)
     outcome.collective_time_s += collective_time
     pooled = outcome.pooled
