@@ -139,7 +139,8 @@ class FederationConfig:
         on_client_failure: what a failed client does to the run. Only "stop" is offered: the
             processes share one gloo/NCCL process group, and such a group cannot shrink after a
             member dies or hangs; every survivor's next collective fails and the group would have
-            to be re-initialised by every process (an elastic restart).
+            to be re-initialised by every process (an elastic restart). Resume from the last round
+            checkpoint instead (output.resume).
         fail_client: fault injection, for tests: this client's process dies (or hangs) in round
             fail_round, after pruning its first block. null (the default) injects nothing.
         fail_round: the round (1-based) in which fail_client fails.
@@ -172,11 +173,19 @@ class OutputConfig:
         dir: root of the run directories (version_N is created inside).
         save_model: export the pruned model as a Hugging Face checkpoint (safetensors).
         save_compressed: also export a bitmask + kept-values safetensors file.
+        checkpoint: in runs of more than one round, write the federation's state after every
+            completed round (``federation.ckpt`` in the run directory, atomically).
+        resume: a run directory (or its federation.ckpt) to continue from its last completed round.
+            The settings that shape the model must be those of that run (rounds may grow); the
+            result is bitwise identical to an uninterrupted run. The resumed run writes a new run
+            directory.
     """
 
     dir: str = "lightning_logs"
     save_model: bool = True
     save_compressed: bool = True
+    checkpoint: bool = True
+    resume: Optional[str] = None
 
 
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -285,6 +294,8 @@ def validate_output(cfg: OutputConfig) -> None:
     path = Path(cfg.dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir={cfg.dir!r}: exists and is not a directory")
+    if cfg.resume is not None and not Path(cfg.resume).expanduser().exists():
+        raise UserError(f"output.resume={cfg.resume!r}: no such run directory or checkpoint file")
 
 
 @dataclass

@@ -11,6 +11,7 @@ Besides the per-key rules of :mod:`fedspallm.config` it opens what the config po
   must cover every block (unless ``federation.uncovered`` handles it);
 - local corpora: readable, UTF-8, not empty (parsed once and cached for the run);
 - processes: never more processes than clients, also under ``fabric run --devices N``;
+- ``output.resume``: a readable checkpoint of a run with the same settings.
 
 Every failure is one line that names the key and the value. Such errors are identical in every
 process, so the CLI prints them once (rank 0).
@@ -24,6 +25,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +54,7 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 
 @dataclass
 class Preflight:
-    """What the checks found that the run uses later."""
+    resume: dict[str, Any] | None = None  # the loaded round checkpoint, when resuming
 
 
 def same_on_every_rank(err: UserError) -> UserError:
@@ -70,10 +72,11 @@ def preflight(seed: int, model: ModelConfig, data: DataConfig, eval: EvalConfig,
         if skeleton is not None:
             check_shapes(skeleton, seed, data, eval, pruning, federation)
         check_corpora(data, eval)
+        resume = check_resume(seed, model, data, pruning, federation, output)
         check_corpus_lengths(local_dir, seed, data, eval, federation)  # tokenizes: the slowest check comes last
     except UserError as err:
         raise same_on_every_rank(err) from None
-    return Preflight()
+    return Preflight(resume=resume)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,9 +112,10 @@ def validate_config(model: ModelConfig, data: DataConfig, eval: EvalConfig, prun
             "needs at least one client: launch at most that many processes, or add clients"
         )
     if federation.strategy not in ROUND_BASED:
-        if federation.fail_client is not None:
-            raise UserError(f"federation.fail_client={federation.fail_client!r}: only for round-based strategies "
-                            f"({', '.join(ROUND_BASED)}), not federation.strategy={federation.strategy}")
+        for key, value in (("federation.fail_client", federation.fail_client), ("output.resume", output.resume)):
+            if value is not None:
+                raise UserError(f"{key}={value!r}: only for round-based strategies ({', '.join(ROUND_BASED)}), "
+                                f"not federation.strategy={federation.strategy}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def check_shapes(net: nn.Module, seed: int, data: DataConfig, eval: EvalConfig, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Corpora
+# Corpora and checkpoints
 
 
 def check_corpora(data: DataConfig, eval: EvalConfig) -> None:
@@ -320,3 +324,11 @@ def _keyed(key: str, name: str, err: UserError) -> UserError:
             break
     return UserError(f"{key}={name!r}: {message}")
 
+
+def check_resume(seed: int, model: ModelConfig, data: DataConfig, pruning: PruningConfig,
+                 federation: FederationConfig, output: OutputConfig) -> dict[str, Any] | None:
+    if output.resume is None:
+        return None
+    from fedspallm.checkpoint import fingerprint, load_checkpoint
+
+    return load_checkpoint(output.resume, fingerprint(seed, model, data, pruning, federation), federation.rounds)

@@ -12,6 +12,7 @@ import torch
 from lightning.fabric import Fabric
 
 from fedspallm.calibration import PruneSpec, prune_sequential
+from fedspallm.checkpoint import RoundCheckpointer, fingerprint, start_from
 from fedspallm.config import (
     DataConfig,
     EvalConfig,
@@ -74,7 +75,7 @@ def prune(
     Args:
         seed: seeds calibration sampling, client partitions, layer sampling and tie-breaks.
     """
-    preflight(seed, model, data, eval, pruning, federation, output, runtime)  # before any weights load
+    checks = preflight(seed, model, data, eval, pruning, federation, output, runtime)  # before any weights load
     quiet_libraries()
     started = time.perf_counter()
     fabric = make_fabric(runtime, federation.collective_timeout_s)
@@ -148,11 +149,16 @@ def prune(
         def reduce(tensor: torch.Tensor) -> torch.Tensor:
             return fabric.all_reduce(tensor, reduce_op="sum") if fabric.world_size > 1 else tensor
 
+        resume = start_from(checks.resume, reporter.bytes_per_round)
+        checkpointer = RoundCheckpointer(fabric, reporter.run_dir, fingerprint(seed, model, data, pruning, federation),
+                                         federation.rounds, reporter.bytes_per_round, output.checkpoint)
+
         def round_end(t: int, outcome: FederationOutcome) -> None:
             reporter.log_round(t, outcome, plan, federation.num_clients, reduce)
             if t < federation.rounds - 1 and federation.rounds > 1:
                 ppl = evaluate_all(fabric, module, eval_sets, eval.batch_size, progress=False)
                 reporter.log_metrics({f"perplexity/{k}": v for k, v in ppl.items()}, step=t)
+            checkpointer.after_round(t, outcome)
 
         watch = RoundWatch.for_fabric(fabric, federation.num_clients, federation.rounds, federation.collective_timeout_s)
         with reporter.rounds(federation.rounds, len(my_clients), num_blocks) as hooks:
@@ -160,7 +166,7 @@ def prune(
                 net, windows, spec, federation, plan, reduce, seed=seed, batch_size=runtime.batch_size,
                 device=fabric.device, offload=pruning.offload,
                 on_round_end=lambda t, o: (round_end(t, o), hooks.round_done()),
-                on_client_block=hooks.client_block, watch=watch,
+                on_client_block=hooks.client_block, watch=watch, resume=resume,
             )
         bytes_per_round = reporter.bytes_per_round
         extra["collective_time_s"] = outcome.collective_time_s
@@ -168,6 +174,9 @@ def prune(
         extra["samples"] = plan.samples
         extra["blocks_per_client"] = plan.blocks_per_client
         extra["budgets"] = plan.budgets
+        extra["checkpoint"] = str(checkpointer.path) if checkpointer.path else None
+        extra["resumed_from"] = ({"checkpoint": output.resume, "completed_rounds": checks.resume["completed_rounds"]}
+                                 if checks.resume else None)
         prune_s = time.perf_counter() - prune_started
         eval_started = time.perf_counter()
         perplexity = evaluate_all(fabric, module, eval_sets, eval.batch_size, runtime.progress)

@@ -122,6 +122,9 @@ CASES = [
     ("fail-client-out-of-range", ["--federation.fail_client", "5"], ["federation.fail_client=5", "0..1"]),
     ("fail-round-out-of-range", ["--federation.fail_round", "3"], ["federation.fail_round=3", "1..1"]),
     ("unknown-fail-mode", ["--federation.fail_mode", "crash"], ["federation.fail_mode='crash'", "exit, hang"]),
+    ("resume-missing", ["--output.resume", "{bad}/no-run"], ["output.resume=", "no such run directory"]),
+    ("resume-without-checkpoint", ["--output.resume", "{bad}/noconfig"], ["output.resume=", "no federation.ckpt"]),
+    ("resume-not-a-checkpoint", ["--output.resume", "{bad}/afile"], ["output.resume=", "not a readable checkpoint"]),
     ("unknown-key", ["--pruning.foo", "1"], ["unrecognized arguments", "--pruning.foo"]),
     ("missing-config-file", ["--config", "{bad}/none.yaml"], ["--config", "does not exist"]),
 ]

@@ -18,7 +18,8 @@ waiting in the collective then dies without a message (the exit is still bounded
 
 Why ``on_client_failure: skip`` is not offered: every process belongs to one gloo/NCCL process
 group, and a group cannot shrink after a member dies or hangs. The survivors' next collective fails,
-and continuing would mean re-initialising the group in every process (an elastic restart).
+and continuing would mean re-initialising the group in every process (an elastic restart). Resume
+from the last round checkpoint instead (``output.resume``).
 """
 
 from __future__ import annotations

@@ -139,10 +139,13 @@ def run_federation(
     on_round_end: Callable[[int, FederationOutcome], None] | None = None,
     on_client_block: Callable[[int, int, int], None] | None = None,
     watch: RoundWatch | None = None,
+    resume: FederationOutcome | None = None,
 ) -> FederationOutcome:
     """Run ``cfg.rounds`` rounds for this process's clients; return the global model's pruned matrices.
 
     ``model`` holds the dense weights when called and the global model when this returns.
+    ``resume`` is the outcome after ``resume.completed_rounds`` rounds (from a checkpoint); the
+    remaining rounds then give the same result, bit for bit, as an uninterrupted run.
     ``watch`` marks progress for fault diagnosis (see :mod:`fedspallm.federated.faults`).
     """
     strategy = cfg.strategy
@@ -150,7 +153,12 @@ def run_federation(
         raise UserError(f"federation.strategy={strategy!r} is not a round-based strategy ({', '.join(STRATEGIES)})")
     uncovered = check_coverage(plan, cfg)
     dense = {name: get_weight(layer).detach().clone() for name, layer in prunable_modules(model).items()}
-    outcome = FederationOutcome(global_weights={}, masks={}, uncovered=uncovered)
+    if resume is None:
+        outcome = FederationOutcome(global_weights={}, masks={}, uncovered=uncovered)
+    else:
+        outcome = resume
+        if cfg.client_base == "global" or outcome.completed_rounds == cfg.rounds:
+            _load_global(model, outcome)
     if watch is None:
         watch = RoundWatch(0, 1, cfg.num_clients, cfg.rounds, cfg.collective_timeout_s)
     with watch:
