@@ -1,4 +1,4 @@
-"""The LightningModule that wraps a causal LM: perplexity evaluation (and, later, sparse fine-tuning).
+"""The LightningModule that wraps a causal LM: perplexity evaluation and mask-preserving sparse fine-tuning.
 
 Perplexity follows SparseGPT's definition exactly: the text is cut into equal, non-overlapping
 windows of ``seqlen`` tokens; inside each window the model predicts tokens 2..seqlen from their
@@ -15,11 +15,23 @@ all-reduces them across processes, so data-parallel evaluation needs no hand-wri
 That metric takes ``log(softmax(logits))`` in float32 rather than a log-softmax, so a single token
 with probability below ~1e-38 (NLL above ~87 nats) would count as infinite. The worst token NLL
 measured on the default model, even magnitude-pruned to 90%, was about 53.
+
+Sparse fine-tuning keeps the zeros of a pruned model. :meth:`CausalLMModule.prepare_training`
+freezes the parameters outside ``trainable`` and records, for every trainable prunable matrix
+(:func:`fedspallm.models.prunable_modules`), where its weight is zero. The gradient at those
+positions is zeroed after every backward pass (``on_after_backward``, before gradient clipping), and
+the weights there are set to zero again after every optimizer step (``optimizer_step``). So no
+optimizer (momentum, Adam's moments, weight decay) can move a pruned weight, and the zero set after
+training contains the one before it. (It is the same set unless a kept weight lands on exactly 0.0,
+which the fit recipe checks and reports.) The same methods drive the Trainer and a plain loop
+(federated clients): ``training_step``, ``on_after_backward``, ``apply_masks``, ``configure_optimizers``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import re
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -27,6 +39,10 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from fedspallm.errors import UserError
+from fedspallm.models import find_decoder_blocks, prunable_modules
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def new_perplexity_metric(sync: bool = True) -> Perplexity:
@@ -38,21 +54,192 @@ def new_perplexity_metric(sync: bool = True) -> Perplexity:
     return Perplexity(sync_on_compute=sync).set_dtype(torch.float64)
 
 
+def parse_trainable(spec: str) -> tuple[str, int]:
+    """"all" -> ("all", 0); "norms_and_biases" -> (same, 0); "last_n_blocks:3" -> ("last_n_blocks", 3)."""
+    if spec in ("all", "norms_and_biases"):
+        return spec, 0
+    match = re.fullmatch(r"last_n_blocks:(\d+)", spec or "")
+    if match is None or int(match.group(1)) < 1:
+        raise UserError(f"fit.trainable={spec!r}: use all, last_n_blocks:N (N >= 1) or norms_and_biases")
+    return "last_n_blocks", int(match.group(1))
+
+
+def trainable_names(model: nn.Module, spec: str) -> list[str]:
+    """Names (as in ``model.named_parameters()``) of the parameters that ``spec`` trains.
+
+    ``all``: every parameter. ``last_n_blocks:N``: the parameters of the last N decoder blocks.
+    ``norms_and_biases``: every 1-D parameter (norm weights and biases), in any architecture.
+    """
+    kind, n = parse_trainable(spec)
+    named = list(model.named_parameters())
+    if kind == "all":
+        return [name for name, _ in named]
+    if kind == "norms_and_biases":
+        return [name for name, p in named if p.dim() == 1]
+    stack = find_decoder_blocks(model)
+    if n > len(stack):
+        raise UserError(f"fit.trainable={spec!r}: the model has only {len(stack)} decoder blocks")
+    prefix = next(name for name, module in model.named_modules() if module is stack)
+    heads = tuple(f"{prefix}.{b}." for b in range(len(stack) - n, len(stack)))
+    return [name for name, _ in named if name.startswith(heads)]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0,
+              schedule: Literal["constant", "cosine", "linear"] = "constant") -> float:
+    """The learning-rate multiplier for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Linear warmup ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` steps, then constant,
+    or a cosine / linear decay that would reach 0 at ``total_steps``.
+    """
+    if schedule not in SCHEDULES:
+        raise UserError(f"fit.schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
 class CausalLMModule(L.LightningModule):
-    """Wraps a Hugging Face causal LM: perplexity evaluation now; sparse fine-tuning will be added
-    later in this same class.
+    """Wraps a Hugging Face causal LM: perplexity evaluation and mask-preserving sparse fine-tuning.
 
     ``validation_step`` / ``test_step`` take a LongTensor ``[B, T]`` of token windows and update
     ``self.val_ppl`` / ``self.test_ppl``. Under the Trainer they log ``"val/ppl"`` / ``"test/ppl"``
     (the metric object is logged, so Lightning computes it, synced across processes, at epoch end).
     Under Fabric, use :func:`evaluate_perplexity` (``self.log`` cannot take a metric object there).
+
+    Training (``trainer.fit`` or a plain loop) takes the same windows; the loss is Hugging Face's
+    mean next-token NLL. The keyword arguments configure the optimizer (``adamw`` or ``sgd``), the
+    learning-rate schedule (see :func:`lr_factor`; ``total_steps`` is needed by cosine and linear),
+    which parameters train (see :func:`trainable_names`) and whether the zeros of the prunable
+    matrices are kept (``keep_masks``). ``schedule_offset`` shifts the schedule: a federated client
+    in round r starts at step ``r * local_steps`` of the global schedule.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        schedule: Literal["constant", "cosine", "linear"] = "constant",
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        trainable: str = "all",
+        keep_masks: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.val_ppl = new_perplexity_metric()
         self.test_ppl = new_perplexity_metric()
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"fit.optimizer={optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        parse_trainable(trainable)
+        lr_factor(0, 1, 0, schedule)  # validates the name
+        if schedule != "constant" and total_steps is None:
+            raise UserError(f"schedule {schedule!r} needs total_steps")
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.schedule = schedule
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.trainable = trainable
+        self.keep_masks = keep_masks
+        self.schedule_offset = 0
+        self._masks: dict[str, tuple[nn.Parameter, torch.Tensor]] | None = None
+
+    # -- sparse fine-tuning ----------------------------------------------------------------------
+
+    def prepare_training(self) -> None:
+        """Freeze what ``trainable`` excludes and record the zeros of every trainable prunable matrix.
+
+        Idempotent: the masks are taken the first time only (call it right after loading, before any
+        step). ``setup("fit")`` calls it, so ``trainer.fit`` needs no extra call.
+        """
+        if self._masks is not None:
+            return
+        keep = set(trainable_names(self.model, self.trainable))
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in keep)
+        masks: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+        if self.keep_masks:
+            for name, layer in prunable_modules(self.model).items():
+                weight = layer.weight
+                if weight.requires_grad:
+                    zero = weight.detach() == 0
+                    if bool(zero.any()):
+                        masks[name] = (weight, zero)
+        self._masks = masks
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Module name -> bool tensor in the weight's own layout, True where the weight is pruned."""
+        return {name: zero for name, (_, zero) in (self._masks or {}).items()}
+
+    def _mask_pairs(self):
+        for name, (param, zero) in (self._masks or {}).items():
+            if zero.device != param.device:
+                zero = zero.to(param.device)
+                self._masks[name] = (param, zero)
+            yield param, zero
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradient at every pruned position."""
+        for param, zero in self._mask_pairs():
+            if param.grad is not None:
+                param.grad.masked_fill_(zero, 0)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Set every pruned weight to zero again."""
+        for param, zero in self._mask_pairs():
+            param.masked_fill_(zero, 0)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.prepare_training()
+            self.model.train()  # Hugging Face loads models in eval mode; the Trainer keeps modes as it finds them
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Mean next-token NLL of ``batch`` ([B, T] token ids), as Hugging Face computes it."""
+        _check_windows(batch, "batch")
+        loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss
+        if self._trainer is not None and self._trainer.training:  # not in a plain loop, nor after fit
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def on_after_backward(self) -> None:
+        self.mask_gradients()
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.apply_masks()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer over the trainable parameters, and a per-step LambdaLR for the schedule."""
+        self.prepare_training()
+        params = self.trainable_parameters()
+        if not params:
+            raise UserError(f"fit.trainable={self.trainable!r} selects no parameters of this model")
+        if self.optimizer_name == "adamw":
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        total, offset = self.total_steps or 1, self.schedule_offset
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step + offset, total, self.warmup_steps, self.schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         return self.model(input_ids=input_ids, **kwargs)
