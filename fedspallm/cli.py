@@ -25,6 +25,7 @@ INTERNAL = {"config_yaml"}
 
 def _commands() -> dict[str, tuple[Callable[..., Any], str]]:
     from fedspallm.evaluate import test, validate
+    from fedspallm.finetune import finetune
     from fedspallm.plot import plot
     from fedspallm.prune import prune
 
@@ -32,6 +33,7 @@ def _commands() -> dict[str, tuple[Callable[..., Any], str]]:
         "prune": (prune, "Prune a model: federated (fedspallm, fedavg, mask_vote), centralized or standalone."),
         "validate": (validate, "Perplexity of a model (dense or pruned) on evaluation corpora."),
         "test": (test, "Same as validate (LightningCLI naming)."),
+        "fit": (finetune, "Sparse fine-tuning of a pruned model (local or federated); its zeros stay zeros."),
         "plot": (plot, "Plot perplexity vs sparsity and per-layer sparsity from run directories."),
     }
 

@@ -332,3 +332,69 @@ def validate_runtime(cfg: RuntimeConfig) -> None:
         raise UserError(f"runtime.batch_size={cfg.batch_size}: must be >= 1")
     if cfg.threads < 0:
         raise UserError(f"runtime.threads={cfg.threads}: must be >= 0")
+
+
+@dataclass
+class FitConfig:
+    """Sparse fine-tuning (``fedspallm fit``): the zeros of the loaded model stay zeros, bit for bit.
+
+    Args:
+        dataset: training corpus (its train split): "default" (embedded Wikipedia leads), wikitext2,
+            ptb, c4, or a .txt/.jsonl file. It is cut into non-overlapping windows of ``seqlen`` tokens.
+        val_dataset: held-out corpus whose test split gives the validation perplexity that picks the
+            best checkpoint (null: the test split of ``dataset`` when it is default, wikitext2, ptb or
+            c4; else the first of eval.datasets). A .txt/.jsonl file has no separate test split: pass
+            a different file than ``dataset``.
+        seqlen: tokens per training window.
+        max_windows: train on at most this many windows (a seeded random subset; null for all).
+        batch_size: windows per micro-batch.
+        accumulate_grad_batches: micro-batches per optimizer step.
+        max_steps: optimizer steps (local mode). In federated mode the steps are rounds * local_steps.
+        optimizer: adamw or sgd.
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (adamw) or L2 penalty (sgd). Zeros stay zeros either way.
+        momentum: sgd momentum.
+        schedule: learning-rate schedule after warmup: constant, cosine (to 0) or linear (to 0).
+        warmup_steps: linear warmup from 0 over this many optimizer steps.
+        gradient_clip_val: clip the gradient norm to this value (null: no clipping).
+        precision: 32-true, bf16-mixed (float32 weights, bfloat16 autocast) or bf16-true (bfloat16
+            weights).
+        trainable: which parameters train; the rest are frozen (no gradients, no optimizer state):
+            "all", "last_n_blocks:N" (the last N decoder blocks) or "norms_and_biases" (every 1-D
+            parameter: norm weights and biases).
+        val_every: validate every this many optimizer steps (local mode), and always at the end.
+        federated: federated sparse fine-tuning: every client trains its own partition for
+            ``local_steps`` steps, then the server averages the weights (FedAvg, weighted by each
+            client's number of windows), for ``rounds`` rounds. Clients are spread over the processes
+            (``fabric run --devices K`` or ``--runtime.devices K``); only weights cross processes.
+        num_clients: number of clients (federated mode).
+        rounds: number of federated rounds.
+        local_steps: optimizer steps each client takes per round.
+        partition: how training windows are split across clients: iid (an even split of the
+            shuffled windows), topic or dirichlet (as for calibration, see data.partition).
+        alpha: Dirichlet concentration for partition=dirichlet.
+    """
+
+    dataset: str = "default"
+    val_dataset: Optional[str] = None
+    seqlen: int = 256
+    max_windows: Optional[int] = None
+    batch_size: int = 4
+    accumulate_grad_batches: int = 1
+    max_steps: int = 200
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true"
+    trainable: str = "all"
+    val_every: int = 50
+    federated: bool = False
+    num_clients: int = 2
+    rounds: int = 5
+    local_steps: int = 20
+    partition: Literal["iid", "topic", "dirichlet"] = "iid"
+    alpha: float = 0.5
