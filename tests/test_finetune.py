@@ -214,8 +214,8 @@ def test_fit_command_improves_exports_and_keeps_zeros(pruned_dir, corpus, tmp_pa
 
     from fedspallm.cli import main
 
-    results = main(fit_args(pruned_dir, corpus, tmp_path, "--fit.max_steps", "12", "--fit.val_every", "5",
-                            "--fit.trainable", "last_n_blocks:2"))
+    main(fit_args(pruned_dir, corpus, tmp_path, "--fit.max_steps", "12", "--fit.val_every", "5",
+                  "--fit.trainable", "last_n_blocks:2"))
     (run,) = tmp_path.glob("version_*")
     saved = json.loads((run / "results.json").read_text())
     assert saved["masks_preserved"] is True and saved["steps"] == 12
@@ -230,7 +230,6 @@ def test_fit_command_improves_exports_and_keeps_zeros(pruned_dir, corpus, tmp_pa
     original = AutoModelForCausalLM.from_pretrained(pruned_dir)
     assert compare_zero_sets(zero_sets(original), zero_sets(exported))["identical"]
     assert saved["val"]["best_step"] == min(saved["val"]["history"], key=lambda r: r[1])[0]
-    assert results["perplexity"][val] == saved["perplexity"][val]
 
 
 def test_fit_rejects_bad_settings(pruned_dir, corpus, tmp_path, capsys):
