@@ -59,6 +59,7 @@ from fedspallm.federated.rounds import clients_of_rank
 from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor, parse_trainable
 from fedspallm.models import context_length, load_model, prunable_modules
 from fedspallm.outputs import atomic_write_json, export_hf, sparsity_report
+from fedspallm.preflight import same_on_every_rank
 from fedspallm.reporting import RunReporter
 from fedspallm.runtime import make_fabric, quiet_libraries
 
@@ -321,6 +322,29 @@ def _finish(results: dict[str, Any], net: nn.Module, tokenizer: Any, reporter: R
 # The recipe
 
 
+def check_settings(model: ModelConfig, fit: FitConfig, eval: EvalConfig, output: OutputConfig,
+                   runtime: RuntimeConfig) -> str:
+    """Every value and the rules between them; returns the validation corpus's name."""
+    validate_model(model)
+    validate_fit(fit)
+    validate_eval(eval)
+    validate_output(output)
+    validate_runtime(runtime)
+    if output.resume is not None:
+        raise UserError("output.resume: fit does not resume; start a new fit from the exported model instead")
+    val_name = fit.val_dataset or (fit.dataset if fit.dataset in BUILTIN_DATASETS else eval.datasets[0])
+    if _same_file(fit.dataset, val_name):
+        raise UserError(f"fit.val_dataset={val_name!r} is the training file; a local file has no held-out split, "
+                        "so pass a different file as fit.val_dataset (or first in eval.datasets)")
+    processes = _launched_processes(runtime)
+    if not fit.federated and processes > 1:
+        raise UserError(f"{processes} processes, but local fine-tuning runs in one process: set fit.federated=true "
+                        "to spread clients over processes, or launch a single process")
+    if fit.federated and processes > fit.num_clients:
+        raise UserError(f"{processes} processes but fit.num_clients={fit.num_clients}: every process needs a client")
+    return val_name
+
+
 def finetune(
     seed: int = 0,
     model: ModelConfig = ModelConfig(),
@@ -341,23 +365,10 @@ def finetune(
     Args:
         seed: seeds the window order, the client partition, dropout and the data order of every client.
     """
-    validate_model(model)
-    validate_fit(fit)
-    validate_eval(eval)
-    validate_output(output)
-    validate_runtime(runtime)
-    if output.resume is not None:
-        raise UserError("output.resume: fit does not resume; start a new fit from the exported model instead")
-    val_name = fit.val_dataset or (fit.dataset if fit.dataset in BUILTIN_DATASETS else eval.datasets[0])
-    if _same_file(fit.dataset, val_name):
-        raise UserError(f"fit.val_dataset={val_name!r} is the training file; a local file has no held-out split, "
-                        "so pass a different file as fit.val_dataset (or first in eval.datasets)")
-    processes = _launched_processes(runtime)
-    if not fit.federated and processes > 1:
-        raise UserError(f"{processes} processes, but local fine-tuning runs in one process: set fit.federated=true "
-                        "to spread clients over processes, or launch a single process")
-    if fit.federated and processes > fit.num_clients:
-        raise UserError(f"{processes} processes but fit.num_clients={fit.num_clients}: every process needs a client")
+    try:  # every check before any weights load; each process fails alike, so the CLI prints it once
+        val_name = check_settings(model, fit, eval, output, runtime)
+    except UserError as err:
+        raise same_on_every_rank(err) from None
     quiet_libraries()
     started = time.perf_counter()
     fabric = make_fabric(runtime)
@@ -369,7 +380,7 @@ def finetune(
     limit = context_length(net)
     for key, value in (("fit.seqlen", fit.seqlen), ("eval.seqlen", eval.seqlen)):
         if limit is not None and value > limit:
-            raise UserError(f"{key}={value}: above the model's context of {limit} tokens")
+            raise same_on_every_rank(UserError(f"{key}={value}: above the model's context of {limit} tokens"))
     total_steps = fit.rounds * fit.local_steps if fit.federated else fit.max_steps
     module = module_for(net, fit, total_steps)
     module.prepare_training()  # freeze, and take the masks from the weights as loaded
