@@ -139,7 +139,13 @@ def _fail(message: str, code: int, *, every_rank_same: bool = False, quiet: bool
     raise SystemExit(code) from None
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: runs the subcommand; the exit status is 0 on success (never the result)."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> Any:
+    """Parse ``argv``, run the subcommand and return its result (results dict, paths, ...)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser, subparsers, functions = build_parser()

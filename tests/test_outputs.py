@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fedspallm.cli import main as cli_main
+from fedspallm.cli import run as cli_run
 from fedspallm.errors import UserError
 
 SPARSITY = 0.7
@@ -283,7 +284,7 @@ def test_plot_two_runs_at_different_sparsities(run_dir, second_run_dir, runs_roo
 
     # the subcommand, with explicit directories
     out2 = tmp_path / "cli"
-    assert cli_main(["plot", str(run_dir), str(second_run_dir), "--out", str(out2)]) is not None
+    assert cli_run(["plot", str(run_dir), str(second_run_dir), "--out", str(out2)]) is not None
     assert sorted(p.name for p in out2.iterdir()) == names
 
 
