@@ -53,31 +53,101 @@ class Run:
 
 
 def claims_runs(seeds: list[int]) -> list[Run]:
+    """FedSpaLLM against standalone in every cell; the other baselines in the 4-client cells."""
     runs = []
+    cells = [(s, k, p) for k in ("4", "8") for s in ("0.7", "0.8") for p in ("iid", "topic")]
     for seed in seeds:
-        for sparsity in ("0.7", "0.8"):
-            for clients in ("4", "8"):
-                for partition in ("iid", "topic"):
-                    base = ["--seed", str(seed), "--pruning.sparsity", sparsity, "--federation.num_clients", clients,
-                            "--data.partition", partition]
-                    tags = {"seed": seed, "sparsity": float(sparsity), "clients": int(clients), "partition": partition}
-                    strategies = ["fedspallm", "standalone"]
-                    if seed == seeds[0]:
-                        strategies += ["centralized", "fedavg", "mask_vote"]
-                    for strategy in strategies:
-                        name = f"{strategy}-s{sparsity}-k{clients}-{partition}-seed{seed}"
-                        runs.append(Run(name, base + ["--federation.strategy", strategy],
-                                        {**tags, "strategy": strategy}, experiment="claims"))
+        for strategies in (("fedspallm", "standalone"), ("centralized", "fedavg", "mask_vote")):
+            for sparsity, clients, partition in cells:
+                if strategies[0] == "centralized" and (seed != seeds[0] or clients != "4"):
+                    continue
+                base = ["--seed", str(seed), "--pruning.sparsity", sparsity, "--federation.num_clients", clients,
+                        "--data.partition", partition]
+                tags = {"seed": seed, "sparsity": float(sparsity), "clients": int(clients), "partition": partition}
+                for strategy in strategies:
+                    # FedPrLLM's clients run Wanda; its masks on the dense weights are what it aggregates.
+                    pruner = ["--pruning.method", "wanda", "--federation.sampling", "all"] if strategy == "mask_vote" else []
+                    name = f"{strategy}-s{sparsity}-k{clients}-{partition}-seed{seed}"
+                    runs.append(Run(name, base + ["--federation.strategy", strategy, *pruner],
+                                    {**tags, "strategy": strategy}, experiment="claims"))
     return runs
 
 
-EXPERIMENTS = {"claims": claims_runs}
+def variants_runs(seeds: list[int]) -> list[Run]:
+    """FedSpaLLM's choices in the 70%, 4-client, IID cell: which one closes the gap to standalone?"""
+    base = ["--pruning.sparsity", "0.7", "--federation.num_clients", "4", "--data.partition", "iid"]
+    options = {
+        "systematic-dense-1round": [],
+        "all-blocks": ["--federation.sampling", "all"],
+        "global-2rounds": ["--federation.client_base", "global", "--federation.rounds", "2"],
+        "all-blocks-global-2rounds": ["--federation.sampling", "all", "--federation.client_base", "global",
+                                      "--federation.rounds", "2"],
+    }
+    return [Run(f"{name}-seed{seed}", ["--seed", str(seed), *base, *args], {"variant": name, "seed": seed},
+                experiment="variants") for seed in seeds for name, args in options.items()]
+
+
+def variants_table(runs: list[Run]) -> str:
+    lines = ["| variant (70%, 4 clients, IID) | perplexity | upload / client / round |", "|---|---|---|"]
+    for run in runs:
+        results = run.results()
+        if results is not None:
+            sent = results["bytes"]["upload_per_client_per_round"]
+            per = sum(sum(r) for r in sent) / max(1, sum(len(r) for r in sent))
+            lines.append(f"| {run.tags['variant']} | {ppl(results):.1f} | {per / 1e6:.1f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+def methods_runs(seeds: list[int]) -> list[Run]:
+    """Centralized pruners against each other, and the dense model (issue: order of methods)."""
+    runs = [Run(f"dense-seed{seeds[0]}", ["validate"], {"method": "dense", "setting": "dense"}, experiment="methods")]
+    for seed in seeds:
+        for setting in ("0.5", "0.7", "2:4"):
+            for method in ("sparsegpt", "wanda", "magnitude"):
+                target = ["--pruning.pattern", setting] if ":" in setting else ["--pruning.sparsity", setting]
+                runs.append(Run(f"{method}-{setting.replace(':', 'of')}-seed{seed}",
+                                ["--seed", str(seed), "--federation.strategy", "centralized", "--federation.num_clients", "1",
+                                 "--pruning.method", method, *target],
+                                {"method": method, "setting": setting, "seed": seed}, experiment="methods"))
+    return runs
+
+
+def methods_table(runs: list[Run]) -> str:
+    rows: dict[str, dict[str, float]] = {}
+    dense = None
+    for run in runs:
+        results = run.results()
+        if results is None:
+            continue
+        if run.tags["method"] == "dense":
+            dense = ppl(results)
+            continue
+        rows.setdefault(run.tags["method"], {})[run.tags["setting"]] = ppl(results)
+    lines = [
+        "Centralized pruning of SmolLM2-135M; perplexity on the embedded test split (16 windows x 512 tokens);\n"
+        "32 calibration windows x 256 tokens, seed 0." + (f" Dense perplexity: {dense:.2f}." if dense else ""),
+        "",
+        "| method | 50% | 70% | 2:4 |",
+        "|---|---|---|---|",
+    ]
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        if method in rows:
+            cells = [f"{rows[method][s]:.2f}" if s in rows[method] else "-" for s in ("0.5", "0.7", "2:4")]
+            lines.append(f"| {method} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+EXPERIMENTS = {"claims": claims_runs, "methods": methods_runs, "variants": variants_runs}
 
 
 def execute(run: Run) -> None:
     if run.results() is not None:
         return
-    command = [sys.executable, str(MAIN), *COMMON, *run.args, "--output.dir", str(run.directory)]
+    if run.args[:1] == ["validate"]:
+        command = [sys.executable, str(MAIN), "validate", "--eval.seqlen", "512", "--eval.max_windows", "16",
+                   "--runtime.progress", "false", "--output_dir", str(run.directory)]
+    else:
+        command = [sys.executable, str(MAIN), *COMMON, *run.args, "--output.dir", str(run.directory)]
     started = time.perf_counter()
     print(f"[run] {run.name}", flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
@@ -147,7 +217,8 @@ def main() -> None:
         for run in runs:
             execute(run)
     TABLES.mkdir(parents=True, exist_ok=True)
-    table = claims_table(runs)
+    writers = {"claims": claims_table, "methods": methods_table, "variants": variants_table}
+    table = writers[args.experiment](runs)
     (TABLES / f"{args.experiment}.md").write_text(table)
     print(table)
 
