@@ -22,8 +22,9 @@ The ratio achieved / peak is printed per dtype. bfloat16 is evaluated on fewer w
 
 from __future__ import annotations
 
+from common import footer, load_average, machine_line, matmul_peaks, print_peaks  # first: imports fedspallm before torch
+
 import argparse
-import os
 import time
 
 import lightning as L
@@ -33,20 +34,6 @@ from fedspallm.config import ModelConfig
 from fedspallm.data import eval_windows
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
 from fedspallm.models import find_decoder_blocks, load_model
-
-
-def matmul_gflops(n: int, dtype: torch.dtype, transposed: bool, repeats: int) -> float:
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator).to(dtype)
-    b = torch.randn(n, n, generator=generator).to(dtype)
-    rhs = b.t() if transposed else b
-    torch.matmul(a, rhs)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, rhs)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def flops_per_token(model: torch.nn.Module, seqlen: int) -> tuple[float, dict[str, float]]:
@@ -81,18 +68,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
 
-    # (a) peaks. bf16 A @ B (both row-major) can hit a slow reference kernel on CPUs without bf16
-    # units (0.2 GFLOP/s at n = 2048 on an AVX2 CPU); it is timed at n = 512 so that it cannot
-    # dominate the run.
-    peaks: dict[str, dict[str, tuple[int, float]]] = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        n_ab, repeats_ab = (512, 3) if dtype == torch.bfloat16 else (args.matmul_n, args.repeats)
-        peaks[name] = {
-            "A@B.T": (args.matmul_n, matmul_gflops(args.matmul_n, dtype, True, repeats_ab)),
-            "A@B": (n_ab, matmul_gflops(n_ab, dtype, False, repeats_ab)),
-        }
+    # (a) peaks
+    peaks = matmul_peaks(args.matmul_n, args.repeats)
 
     # (b) evaluation throughput, (c) achieved GFLOP/s
     fabric = L.Fabric(accelerator="cpu", devices=1)
@@ -114,15 +93,12 @@ def main() -> None:
         runs.append(("bfloat16", sub.shape[0], ppl16, seconds16))
 
     print(f"\nfedspallm eval throughput: {loaded.source}")
-    print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; model loaded in {load_s:.1f} s")
+    print(f"  {machine_line()}; model loaded in {load_s:.1f} s")
     print(f"  windows: eval_windows(\"default\") (test split), {windows.shape[0]} x {args.seqlen} tokens, batch {args.batch_size}")
     print(f"  FLOPs/token = 2N + 2dV + 4LTd = {terms['projections 2N'] / 1e6:.1f}M + {terms['lm_head 2dV'] / 1e6:.1f}M"
           f" + {terms['attention 4LTd'] / 1e6:.1f}M = {per_token / 1e6:.1f} MFLOP  (N = {terms['N'] / 1e6:.2f}M)")
     print()
-    print(f"  {'matmul (GFLOP/s)':<12}{'A@B.T (Linear)':>18}{'A@B':>18}")
-    for name, row in peaks.items():
-        print(f"  {name:<12}" + "".join(f"{f'{gflops:.2f} n={n}':>18}" for n, gflops in row.values()))
+    print_peaks(peaks)
     print()
     print(f"  {'eval':<10}{'windows':>8}{'seconds':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'peak':>8}{'achieved/peak':>15}{'ppl':>10}")
     for name, count, value, seconds in runs:
@@ -134,8 +110,7 @@ def main() -> None:
     if args.bf16_windows > 0:
         print(f"  bf16 vs fp32 perplexity on the same {runs[1][1]} window(s): {runs[1][2]:.3f} vs {ppl32_sub:.3f}")
     print("  (tokens/s counts input tokens; each window predicts seqlen - 1 of them)")
-    print(f"  total bench time {time.perf_counter() - t0:.0f} s; 1-min load average {load_before:.1f} at start, "
-          f"{os.getloadavg()[0]:.1f} at end (on a shared CPU, other processes' load lowers the ratios)")
+    print(f"  {footer(t0, load_before)}")
 
 
 if __name__ == "__main__":

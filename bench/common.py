@@ -1,0 +1,142 @@
+"""Helpers shared by the benchmarks: this CPU's matmul peak, machine load, memory high-water marks.
+
+Every benchmark measures its reference peak in the same run as its workload, so that the printed
+ratios compare like with like on a shared machine. Run as a script, this prints the peaks alone::
+
+    python bench/common.py
+"""
+
+from __future__ import annotations
+
+import fedspallm  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads)
+
+import argparse
+import os
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import torch
+
+MB = 2**20  # the benchmarks print MB in units of 2**20 bytes
+
+
+def matmul_gflops(n: int, dtype: torch.dtype, transposed: bool, repeats: int) -> float:
+    """Best of ``repeats`` n x n products (2 n^3 FLOPs each), in GFLOP/s, after one warm-up.
+
+    ``transposed`` times ``A @ B.T``, the layout ``nn.Linear`` computes; otherwise ``A @ B``.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(dtype)
+    b = torch.randn(n, n, generator=generator).to(dtype)
+    rhs = b.t() if transposed else b
+    torch.matmul(a, rhs)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, rhs)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_peaks(n: int = 2048, repeats: int = 5, dtypes: tuple[str, ...] = ("float32", "bfloat16")
+                 ) -> dict[str, dict[str, tuple[int, float]]]:
+    """dtype name -> {"A@B.T": (n, GFLOP/s), "A@B": (n, GFLOP/s)} at the current torch thread count.
+
+    bf16 ``A @ B`` (both row-major) can hit a slow reference kernel on CPUs without bf16 units
+    (0.2 GFLOP/s at n = 2048 on an AVX2 CPU); it is timed at n = 512 so that it cannot dominate a run.
+    """
+    peaks: dict[str, dict[str, tuple[int, float]]] = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        n_ab, repeats_ab = (512, 3) if dtype == torch.bfloat16 else (n, repeats)
+        peaks[name] = {
+            "A@B.T": (n, matmul_gflops(n, dtype, True, repeats_ab)),
+            "A@B": (n_ab, matmul_gflops(n_ab, dtype, False, repeats_ab)),
+        }
+    return peaks
+
+
+def fp32_peak(n: int = 2048, repeats: int = 5) -> float:
+    """The fp32 matmul peak (GFLOP/s): the better of the two layouts."""
+    return max(gflops for _, gflops in matmul_peaks(n, repeats, ("float32",))["float32"].values())
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def print_peaks(peaks: dict[str, dict[str, tuple[int, float]]], indent: str = "  ") -> None:
+    print(f"{indent}{'matmul (GFLOP/s)':<12}{'A@B.T (Linear)':>18}{'A@B':>18}")
+    for name, row in peaks.items():
+        print(f"{indent}{name:<12}" + "".join(f"{f'{gflops:.2f} n={n}':>18}" for n, gflops in row.values()))
+
+
+def load_average() -> float:
+    """The 1-minute load average (processes running or waiting for a CPU)."""
+    return os.getloadavg()[0]
+
+
+def machine_line() -> str:
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}, OMP_WAIT_POLICY="
+            f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+
+
+def footer(started: float, load_before: float) -> str:
+    return (f"total bench time {time.perf_counter() - started:.0f} s; 1-min load average {load_before:.1f} at start, "
+            f"{load_average():.1f} at end (on a shared CPU, other processes' load lowers the ratios)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory. ``ru_maxrss`` is the process's resident high-water mark. On Linux, writing "5" to
+# /proc/self/clear_refs resets it (and VmHWM) to the current RSS, so the peak of one phase can be
+# read without the phases before it (model loading, for example).
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS; False where the OS can't (the peak then covers the whole process)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="This CPU's matmul peak (the reference of the other benchmarks).")
+    parser.add_argument("--matmul-n", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    started, load_before = time.perf_counter(), load_average()
+    print(f"\nmatmul peak: {machine_line()}")
+    print_peaks(matmul_peaks(args.matmul_n, args.repeats))
+    with torch_threads(1):
+        print(f"  float32 on 1 thread: {fp32_peak(args.matmul_n, args.repeats):.2f} GFLOP/s")
+    print(f"  {footer(started, load_before)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""Centralized pruning of the embedded default model: SparseGPT, Wanda and magnitude, measured in one run.
+
+    python bench/prune.py                      # about 7-8 minutes on the shared 2-core CPU
+    python bench/prune.py --nsamples 8         # quicker
+
+Setting (the defaults): all 30 blocks of the embedded SmolLM2-135M in float32, unstructured 50%
+sparsity, ``--nsamples`` 16 calibration windows x ``--seqlen`` 256 tokens (4,096 tokens) drawn by
+``plan_calibration("default", ..., partition="iid", seed=0)`` exactly as the ``centralized`` strategy
+draws them, calibration batch 8; perplexity on ``eval_windows("default")``, 8 windows x 512 tokens
+(the test split). The size keeps the whole bench under about ten minutes here; the experiments
+(experiments/run.py) calibrate on 32 x 256.
+
+Every method runs in a fresh subprocess (one after another, never two at once), so that memory and
+allocator state do not carry over and ``ru_maxrss`` is that method's own. Right before the prune the
+worker resets the high-water mark (Linux ``/proc/self/clear_refs``), so "peak RSS" is the peak
+*during the prune*: the model's own 0.5 GB plus what the prune adds. The model load is excluded.
+
+Printed per method: prune wall time (``prune_sequential`` from the first block's capture to the
+last block's outputs), calibration tokens/s (calibration tokens / prune wall time), peak RSS,
+perplexity, and the time split into statistics (hooks' ``accumulate_*``), solve (the pruning kernel)
+and the rest (block forward passes, capture, bookkeeping).
+
+Shared statistics. A separate worker (``dense``) runs the first ``--hessian-blocks`` blocks densely,
+keeps each projection's input for every batch, and times ``accumulate_hessian`` on them twice: once
+per distinct input (the engine: q/k/v share one Hessian, gate/up another) and once per projection
+(the naive variant: 7 Hessians per Llama block instead of 4). Best of ``--repeats``. The same
+worker gives the dense perplexity.
+
+Achieved FLOP/s of the whole SparseGPT prune = counted FLOPs / prune wall time, where
+
+    forward   passes x tokens x (2 P_b + 4 T d)  per block pass: P_b = the block's projection weights,
+              the attention term counts the full T x T score matrix (Q K^T and A V, as in
+              bench/eval_throughput.py), T = seqlen, d = hidden size; "passes" is the engine's own
+              count (2 per pruned block: statistics, then pruned outputs)
+    Hessian   2 t c^2 per accumulate_hessian call on t tokens of width c (one per distinct input and batch)
+    solve     per matrix [r, c], blocksize B, tile widths b:
+              Cholesky, cholesky_inverse, Cholesky    c^3/3 + 2c^3/3 + c^3/3  = 4c^3/3
+              OBS sweep inside each tile             sum_i 2 r (b - i - 1)    = r b (b - 1)   (~ r c B in all)
+              lazy update of the later columns       2 r b (c - c_end)                       (~ r c^2 in all)
+
+The ratio to the fp32 matmul peak uses the best peak seen in this run (measured before and after the
+workers, on 2 threads and on 1), i.e. the least flattering denominator.
+"""
+
+from __future__ import annotations
+
+from common import (  # first: imports fedspallm (OMP_WAIT_POLICY=PASSIVE) before torch
+    MB,
+    current_rss_bytes,
+    fp32_peak,
+    footer,
+    load_average,
+    machine_line,
+    peak_rss_bytes,
+    reset_peak_rss,
+    torch_threads,
+)
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import fedspallm.calibration as engine
+import fedspallm.pruners.sparsegpt as sparsegpt_module
+from fedspallm.calibration import PruneSpec, capture_block_inputs, prune_sequential
+from fedspallm.config import ModelConfig
+from fedspallm.data import eval_windows, plan_calibration
+from fedspallm.lit import CausalLMModule, evaluate_perplexity
+from fedspallm.models import find_decoder_blocks, find_prunable_layers, get_weight, load_model
+from fedspallm.pruners import accumulate_hessian
+from fedspallm.runtime import quiet_libraries
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counts
+
+
+def solve_flops(rows: int, cols: int, blocksize: int) -> dict[str, float]:
+    """SparseGPT's solve on one [rows, cols] matrix (unstructured): see the module docstring."""
+    sweep = lazy = 0.0
+    for c0 in range(0, cols, blocksize):
+        c1 = min(c0 + blocksize, cols)
+        b = c1 - c0
+        sweep += rows * b * (b - 1)
+        lazy += 2.0 * rows * b * (cols - c1)
+    return {"inverse": 4.0 * cols**3 / 3, "sweep": sweep, "lazy": lazy}
+
+
+def block_forward_flops_per_token(model: torch.nn.Module, seqlen: int) -> float:
+    """2 P_b + 4 T d for one decoder block (the blocks are identical)."""
+    block = find_decoder_blocks(model)[0]
+    weights = sum(get_weight(layer).numel() for layer in find_prunable_layers(block).values())
+    d = model.config.get_text_config().hidden_size
+    return 2.0 * weights + 4.0 * seqlen * d
+
+
+# ---------------------------------------------------------------------------------------------
+# Instrumentation: wrap the engine's kernels (as the engine module sees them) with timers and counters.
+
+
+class Meter:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.flops: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def add(self, key: str, seconds: float, flops: float = 0.0) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        self.flops[key] = self.flops.get(key, 0.0) + flops
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+    def wrap(self, key: str, fn: Callable, flops: Callable[..., float] | None = None) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.add(key, time.perf_counter() - start, flops(*args, **kwargs) if flops else 0.0)
+            return out
+
+        return timed
+
+
+def instrument(meter: Meter, blocksize: int) -> None:
+    def hessian_flops(hessian: Any, nsamples: int, inputs: torch.Tensor) -> float:
+        width = inputs.shape[-1]
+        return 2.0 * (inputs.numel() // width) * width**2
+
+    engine.accumulate_hessian = meter.wrap("statistics", engine.accumulate_hessian, hessian_flops)
+    engine.accumulate_sq_norms = meter.wrap("statistics", engine.accumulate_sq_norms)
+    engine.wanda_prune = meter.wrap("solve", engine.wanda_prune)
+    engine.magnitude_prune = meter.wrap("solve", engine.magnitude_prune)
+
+    # SparseGPT: the inverse and the OBS sweep separately. The engine prunes projections that share
+    # a Hessian (q/k/v, gate/up) one after another with the same tensor; an inverse of the tensor
+    # the previous call inverted is counted as "repeated". Holding that one tensor also keeps its id
+    # from being reused by a later block's Hessian.
+    last: list[torch.Tensor | None] = [None]
+    sparsegpt = engine.sparsegpt_prune
+    inverse = sparsegpt_module.inverse_hessian_cholesky
+    tiles = sparsegpt_module._prune_tiles
+
+    def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        rows, cols = weight.shape
+        counts = solve_flops(rows, cols, blocksize)
+        repeated = hessian is last[0]
+        last[0] = hessian
+        start = time.perf_counter()
+        before = meter.seconds.get("inverse", 0.0)
+        out = sparsegpt(weight, hessian, *args, **kwargs)
+        meter.add("solve", time.perf_counter() - start, sum(counts.values()))
+        meter.flops["inverse"] = meter.flops.get("inverse", 0.0) + counts["inverse"]
+        meter.flops["sweep"] = meter.flops.get("sweep", 0.0) + counts["sweep"] + counts["lazy"]
+        if repeated:
+            meter.add("repeated inverse", meter.seconds["inverse"] - before)
+        return out
+
+    engine.sparsegpt_prune = sparsegpt_prune
+    sparsegpt_module.inverse_hessian_cholesky = meter.wrap("inverse", inverse)
+    sparsegpt_module._prune_tiles = meter.wrap("sweep", tiles)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (one subprocess each)
+
+
+def load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    quiet_libraries()
+    loaded = load_model(ModelConfig(dtype="float32"))
+    plan = plan_calibration("default", loaded.tokenizer, args.nsamples, args.seqlen, 1, "iid", 0.5, args.seed)
+    evaluation = eval_windows("default", loaded.tokenizer, args.eval_seqlen, args.eval_windows)
+    return loaded.model, plan.all_windows(), evaluation
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, args: argparse.Namespace) -> tuple[float, float]:
+    start = time.perf_counter()
+    value = evaluate_perplexity(None, CausalLMModule(model), windows, args.eval_batch_size, progress=False)
+    return value, time.perf_counter() - start
+
+
+def method_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    model, windows, evaluation = load(args)
+    spec = PruneSpec(method, args.sparsity, blocksize=args.blocksize)
+    meter = Meter()
+    instrument(meter, spec.blocksize)
+    rss_before = current_rss_bytes()
+    exact_peak = reset_peak_rss()
+    start = time.perf_counter()
+    result = prune_sequential(model, windows, spec, batch_size=args.batch_size)
+    prune_s = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    ppl, eval_s = perplexity(model, evaluation, args)
+    stats = result.stats
+    batches = math.ceil(windows.shape[0] / args.batch_size)
+    token_passes = stats.forward_passes / batches * stats.tokens  # every block pass covers all batches
+    return {
+        "method": method, "prune_s": prune_s, "tokens": stats.tokens, "forward_passes": stats.forward_passes,
+        "statistic_updates": stats.statistic_updates, "layers_pruned": stats.layers_pruned,
+        "forward_flops": token_passes * block_forward_flops_per_token(model, args.seqlen),
+        "rss_before": rss_before, "peak_rss": peak, "exact_peak": exact_peak,
+        "result_bytes": sum(r.weight.numel() * r.weight.element_size() + r.mask.numel() * r.mask.element_size()
+                            for r in result.pruned.values()),
+        "ppl": ppl, "eval_s": eval_s, "seconds": meter.seconds, "flops": meter.flops, "calls": meter.calls,
+    }
+
+
+def dense_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Dense perplexity, and accumulate_hessian once per distinct input vs once per projection."""
+    model, windows, evaluation = load(args)
+    ppl, eval_s = perplexity(model, evaluation, args)
+    blocks = find_decoder_blocks(model)
+    with torch.no_grad():
+        batches = capture_block_inputs(model, windows, args.batch_size, torch.device("cpu"))
+        hidden = [h for h, _ in batches]
+        kwargs = [k for _, k in batches]
+        per_layer: list[dict[str, list[torch.Tensor]]] = []  # block -> layer -> its input per batch
+        for index in range(min(args.hessian_blocks, len(blocks))):
+            layers = find_prunable_layers(blocks[index])
+            inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+            handles = [layer.register_forward_hook(lambda mod, a, out, name=name: inputs[name].append(a[0].detach()))
+                       for name, layer in layers.items()]
+            hidden = [engine._first_output(blocks[index](h, **kw)) for h, kw in zip(hidden, kwargs)]
+            for handle in handles:
+                handle.remove()
+            per_layer.append(inputs)
+
+    def distinct(inputs: dict[str, list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for tensors in inputs.values():
+            key = tuple(t.data_ptr() for t in tensors)
+            groups.setdefault(key, tensors)
+        return list(groups.values())
+
+    def timed(streams: list[list[torch.Tensor]]) -> float:
+        start = time.perf_counter()
+        for tensors in streams:
+            h, n = None, 0
+            for x in tensors:
+                h, n = accumulate_hessian(h, n, x)
+        return time.perf_counter() - start
+
+    shared_streams = [s for inputs in per_layer for s in distinct(inputs)]
+    naive_streams = [s for inputs in per_layer for s in inputs.values()]
+    def flops(streams: list[list[torch.Tensor]]) -> float:
+        return sum(2.0 * x.numel() * x.shape[-1] for tensors in streams for x in tensors)
+
+    shared_s, naive_s = float("inf"), float("inf")
+    timed(shared_streams)  # warm-up
+    for _ in range(args.repeats):  # interleaved, so that a change in machine load hits both
+        shared_s = min(shared_s, timed(shared_streams))
+        naive_s = min(naive_s, timed(naive_streams))
+    return {
+        "method": "dense", "ppl": ppl, "eval_s": eval_s, "hessian_blocks": len(per_layer),
+        "num_blocks": len(blocks), "shared_hessians": len(shared_streams), "naive_hessians": len(naive_streams),
+        "shared_s": shared_s, "naive_s": naive_s, "shared_flops": flops(shared_streams),
+        "naive_flops": flops(naive_streams),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def run_worker(name: str, argv: list[str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"bench/prune.py: the {name} worker failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peaks() -> dict[str, float]:
+    out = {"2 threads": fp32_peak(repeats=3)}
+    with torch_threads(1):
+        out["1 thread"] = fp32_peak(repeats=3)
+    return out
+
+
+def report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], peak_runs: list[dict[str, float]],
+           started: float, load_before: float) -> None:
+    dense, sgpt = rows["dense"], rows["sparsegpt"]
+    peak = max(max(p.values()) for p in peak_runs)
+    print(f"\nfedspallm prune bench: embedded SmolLM2-135M (float32), centralized, all {dense['num_blocks']} blocks, "
+          f"unstructured {args.sparsity:.0%}")
+    print(f"  {machine_line()}")
+    print(f"  calibration: {args.nsamples} windows x {args.seqlen} tokens = {sgpt['tokens']} tokens (default corpus, "
+          f"iid, seed {args.seed}), batch {args.batch_size}; perplexity: {args.eval_windows} x {args.eval_seqlen} "
+          "test windows")
+    print("  fp32 matmul peak (GFLOP/s, best of A@B.T and A@B, n=2048): "
+          + "; ".join(", ".join(f"{k} {v:.1f}" for k, v in p.items()) + f" ({when})"
+                      for p, when in zip(peak_runs, ("start", "end"))))
+    print()
+    print(f"  {'method':<10}{'prune s':>9}{'tokens/s':>10}{'stats s':>9}{'solve s':>9}{'rest s':>8}"
+          f"{'RSS0 MB':>9}{'peak MB':>9}{'+MB':>7}{'kept MB':>9}{'ppl':>10}")
+    print(f"  {'dense':<10}{'':>9}{'':>10}{'':>9}{'':>9}{'':>8}{'':>9}{'':>9}{'':>7}{'':>9}{dense['ppl']:>10.2f}")
+    for method in METHODS:
+        r = rows[method]
+        stats_s, solve_s = r["seconds"].get("statistics", 0.0), r["seconds"].get("solve", 0.0)
+        print(f"  {method:<10}{r['prune_s']:>9.1f}{r['tokens'] / r['prune_s']:>10.1f}{stats_s:>9.1f}{solve_s:>9.1f}"
+              f"{r['prune_s'] - stats_s - solve_s:>8.1f}{r['rss_before'] / MB:>9.0f}{r['peak_rss'] / MB:>9.0f}"
+              f"{(r['peak_rss'] - r['rss_before']) / MB:>7.0f}{r['result_bytes'] / MB:>9.0f}{r['ppl']:>10.2f}")
+    exact = all(rows[m]["exact_peak"] for m in METHODS)
+    print("  (rest = block forward passes, capture and bookkeeping; peak = RSS high-water mark during the prune"
+          + ("" if exact else ", NOT reset here: it includes the model load") + "; +MB = peak - RSS0;")
+    print("   kept MB = the pruned weights and masks that prune_sequential returns, held beside the model's own)")
+
+    # Shared statistics
+    naive_ratio = dense["naive_s"] / dense["shared_s"]
+    hessian_in_prune = sgpt["seconds"].get("statistics", 0.0)
+    print()
+    print(f"  Hessians on the first {dense['hessian_blocks']} blocks' captured inputs (best of {args.repeats}):")
+    print(f"    shared (engine)      {dense['shared_hessians']:>3} Hessians  {dense['shared_s']:>7.3f} s")
+    print(f"    per projection       {dense['naive_hessians']:>3} Hessians  {dense['naive_s']:>7.3f} s"
+          f"   -> naive / shared = {naive_ratio:.2f}x in time, "
+          f"{dense['naive_flops'] / dense['shared_flops']:.2f}x in FLOPs")
+    print(f"    in the SparseGPT prune, Hessians took {hessian_in_prune:.1f} s of {sgpt['prune_s']:.1f} s; the naive variant"
+          f" would add about {hessian_in_prune * (naive_ratio - 1):.1f} s")
+
+    # FLOP/s of the SparseGPT prune
+    f, s = sgpt["flops"], sgpt["seconds"]
+    rest_s = sgpt["prune_s"] - s.get("statistics", 0.0) - s.get("solve", 0.0)
+    parts = [
+        ("forward", sgpt["forward_flops"], rest_s, "block passes (+ capture, bookkeeping)"),
+        ("Hessian", f.get("statistics", 0.0), s.get("statistics", 0.0), "accumulate_hessian (addmm X^T X)"),
+        ("inverse", f.get("inverse", 0.0), s.get("inverse", 0.0),
+         f"{sgpt['calls'].get('inverse', 0)} Cholesky inverses, {s.get('repeated inverse', 0.0):.1f} s of them repeat"
+         " a sibling's"),
+        ("OBS sweep", f.get("sweep", 0.0), s.get("sweep", 0.0), "tiles: rank-1 updates + lazy addmm, 1 thread"),
+    ]
+    other_solve = s.get("solve", 0.0) - s.get("inverse", 0.0) - s.get("sweep", 0.0)
+    total_flops = sum(p[1] for p in parts)
+    print()
+    print(f"  SparseGPT FLOPs (formulas in the docstring) against the fp32 peak {peak:.1f} GFLOP/s:")
+    print(f"    {'phase':<11}{'GFLOP':>8}{'seconds':>9}{'GFLOP/s':>9}{'of peak':>9}  what")
+    for name, flops, seconds, what in parts:
+        rate = flops / seconds / 1e9 if seconds > 0 else 0.0
+        print(f"    {name:<11}{flops / 1e9:>8.1f}{seconds:>9.1f}{rate:>9.2f}{rate / peak:>9.2f}  {what}")
+    print(f"    {'solve misc':<11}{0.0:>8.1f}{other_solve:>9.1f}{'':>9}{'':>9}  copies, checks, mask writes")
+    achieved = total_flops / sgpt["prune_s"] / 1e9
+    print(f"    {'whole prune':<11}{total_flops / 1e9:>8.1f}{sgpt['prune_s']:>9.1f}{achieved:>9.2f}{achieved / peak:>9.2f}"
+          f"  target >= 0.50")
+    # Forward passes and Hessians grow with the calibration tokens, the solve does not.
+    scale = 128 * args.seqlen / sgpt["tokens"]
+    grown_s = (rest_s + s.get("statistics", 0.0)) * scale + s.get("solve", 0.0)
+    grown = ((parts[0][1] + parts[1][1]) * scale + parts[2][1] + parts[3][1]) / grown_s / 1e9
+    print(f"    at these rates, 128 windows x {args.seqlen} would reach {grown / peak:.2f} of peak (solve time does not grow"
+          " with the calibration size)")
+    print()
+    print(f"  {footer(started, load_before)}")
+    times = " : ".join(f"{rows[m]['prune_s'] / sgpt['prune_s']:.2f}" for m in METHODS)
+    ppls = " / ".join(f"{rows[m]['ppl'] / dense['ppl']:.2f}" for m in METHODS)
+    print(f"summary: prune time sparsegpt : wanda : magnitude = {times}; ppl / dense = {ppls}; "
+          f"naive / shared Hessian time = {naive_ratio:.2f}x; SparseGPT achieved / fp32 peak = {achieved / peak:.2f} "
+          f"({achieved:.1f} of {peak:.1f} GFLOP/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nsamples", type=int, default=16, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=256, help="calibration tokens per window")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-batch-size", type=int, default=4)
+    parser.add_argument("--hessian-blocks", type=int, default=4, help="blocks timed for the naive Hessian variant")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", choices=("dense", *METHODS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker is not None:
+        with torch.no_grad():
+            row = dense_worker(args) if args.worker == "dense" else method_worker(args.worker, args)
+        print(json.dumps(row))
+        return
+
+    started, load_before = time.perf_counter(), load_average()
+    argv = [a for a in sys.argv[1:]]
+    peak_runs = [peaks()]
+    rows = {}
+    for name in ("dense", *METHODS):
+        print(f"[{time.perf_counter() - started:5.0f} s] {name} ...", file=sys.stderr, flush=True)
+        rows[name] = run_worker(name, argv)
+    peak_runs.append(peaks())
+    report(args, rows, peak_runs, started, load_before)
+
+
+if __name__ == "__main__":
+    main()
