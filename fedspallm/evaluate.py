@@ -68,16 +68,5 @@ def validate(
     return results
 
 
-def test(
-    model: ModelConfig = ModelConfig(),
-    eval: EvalConfig = EvalConfig(),
-    runtime: RuntimeConfig = RuntimeConfig(),
-    output_dir: str = "lightning_logs",
-    config_yaml: str = "",
-) -> dict[str, Any]:
-    """Evaluate perplexity; the same as ``validate``.
-
-    Args:
-        output_dir: results.json and TensorBoard events go to output_dir/version_N.
-    """
-    return validate(model, eval, runtime, output_dir, config_yaml)
+# LightningCLI names the same evaluation both ways.
+test = validate
