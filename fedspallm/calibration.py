@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,10 +145,14 @@ def capture_block_inputs(
     return captured
 
 
-def _prune_matrix(name: str, spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic) -> PruneResult:
+def _prune_matrix(name: str, spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic,
+                  keep: torch.Tensor | None = None) -> PruneResult:
     try:
         if spec.method == "sparsegpt":
-            return sparsegpt_prune(weight, statistic.value, spec.sparsity, spec.n, spec.m, spec.blocksize, spec.percdamp)
+            return sparsegpt_prune(weight, statistic.value, spec.sparsity, spec.n, spec.m, spec.blocksize, spec.percdamp,
+                                   keep=keep)
+        if keep is not None:  # Wanda and magnitude have no weight update: a given mask is all there is
+            return PruneResult.from_mask(weight, keep.to(weight.device))
         if spec.method == "wanda":
             return wanda_prune(weight, statistic.value, spec.sparsity, spec.n, spec.m)
         return magnitude_prune(weight, spec.sparsity, spec.n, spec.m)
@@ -180,6 +184,9 @@ def prune_sequential(
     device: torch.device | str | None = None,
     offload: bool = False,
     restore_dense: bool = False,
+    prune_from: Mapping[str, torch.Tensor] | None = None,
+    fixed_masks: Mapping[str, torch.Tensor] | None = None,
+    propagate_original: bool = False,
     on_block: Callable[[int, int], None] | None = None,
     on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
 ) -> SequentialResult:
@@ -188,6 +195,15 @@ def prune_sequential(
     ``restore_dense`` puts each block's original weights back once its pruned outputs are computed:
     later blocks still see pruned inputs (as the pruning client would), but the model leaves this
     function as it came in. Federated clients use it to keep their dense cache across rounds.
+
+    ``prune_from`` maps full module names to the weights a selected block is loaded with before its
+    statistics are gathered and it is pruned. ``propagate_original`` feeds the next block with the
+    outputs of the block's weights as they were on entry instead of its pruned ones, so that every
+    block is calibrated on the inputs the model as given produces. Federated clients calibrating on
+    the global model use both, with the dense cache as ``prune_from``: re-pruning an already pruned
+    matrix to the same target would only find its own zeros again (zeros score lowest in every
+    pruner). ``fixed_masks`` (full module name -> keep-mask) gives the mask instead of letting the
+    pruner choose it; SparseGPT then only refits the kept weights.
     """
     blocks = find_decoder_blocks(model)
     selected = sorted(set(range(len(blocks)) if blocks_to_prune is None else blocks_to_prune))
@@ -214,7 +230,11 @@ def prune_sequential(
         if offload:
             block.to(device)
         layers = find_prunable_layers(block) if index in selected else {}
-        original = {name: layer.weight.detach().clone() for name, layer in layers.items()} if restore_dense else {}
+        keep_original = restore_dense or propagate_original
+        original = {name: layer.weight.detach().clone() for name, layer in layers.items()} if keep_original else {}
+        if prune_from is not None:
+            for name, layer in layers.items():
+                set_weight(layer, prune_from[f"{prefix}.{index}.{name}"])
         statistics: dict[str, _Statistic] = {}
         if layers and needs_data:
             _collect_statistics(block, layers, hidden, kwargs, spec.method, statistics, result.stats)
@@ -223,12 +243,16 @@ def prune_sequential(
             weight = get_weight(layer).detach()
             if not torch.isfinite(weight).all():
                 raise NumericalError(f"{full_name}: weight contains NaN or inf")
-            pruned = _prune_matrix(full_name, spec, weight, statistics.get(name, _Statistic()))
+            keep = fixed_masks.get(full_name) if fixed_masks is not None else None
+            pruned = _prune_matrix(full_name, spec, weight, statistics.get(name, _Statistic()), keep)
             set_weight(layer, pruned.weight)
             result.pruned[full_name] = pruned
             result.stats.layers_pruned += 1
         if layers:
             result.stats.blocks_pruned += 1
+        if propagate_original:
+            for name, layer in layers.items():
+                layer.weight.copy_(original[name])
         hidden = [_first_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         result.stats.forward_passes += len(hidden)
         for name, layer in layers.items():

@@ -128,8 +128,15 @@ class FederationConfig:
             sum k_i >= L), uniform (independent draws) or all (every client prunes every block).
         aggregation: l0 (average only the non-zeros) or fedavg (average including zeros).
         expansion: expand the aggregated mask to the exact target sparsity.
-        client_base: dense (clients prune the cached dense model; all rounds are pooled) or global
-            (clients prune the current global model; each round replaces the blocks it covers).
+        client_base: dense (clients calibrate on their cached dense model; all rounds are pooled) or
+            global (clients calibrate on the current global model, so a sampled block sees the inputs
+            the global model gives it; the block itself is pruned afresh from the dense cache, and
+            each round replaces the blocks it covers).
+        freeze_mask_after: null (the paper's method) or a round count F < rounds: rounds after the
+            first F keep the global mask fixed and refit the kept weights. Every client calibrates on
+            the global model, re-runs SparseGPT's update from the dense cache with the global mask
+            given, and uploads only the kept values; the server averages them. Clients then disagree
+            only on values, not on which weights exist. Not for mask_vote.
         uncovered: what to do with blocks no client pruned: error, magnitude (server prunes them by
             magnitude) or dense (left dense; the shortfall is reported).
         collective_timeout_s: a collective that waits longer than this fails the run (a dead or
@@ -157,6 +164,7 @@ class FederationConfig:
     aggregation: Literal["l0", "fedavg"] = "l0"
     expansion: bool = True
     client_base: Literal["dense", "global"] = "dense"
+    freeze_mask_after: Optional[int] = None
     uncovered: Literal["error", "magnitude", "dense"] = "error"
     collective_timeout_s: float = 600.0
     on_client_failure: Literal["stop"] = "stop"
@@ -286,6 +294,13 @@ def validate_federation(cfg: FederationConfig, data: DataConfig) -> None:
         raise UserError(
             f"federation.fail_client={cfg.fail_client}: must be a client id in 0..{cfg.num_clients - 1} or null"
         )
+    if cfg.freeze_mask_after is not None:
+        if not 1 <= cfg.freeze_mask_after < cfg.rounds:
+            raise UserError(f"federation.freeze_mask_after={cfg.freeze_mask_after}: must be null or in "
+                            f"1..{cfg.rounds - 1} (fewer than federation.rounds={cfg.rounds})")
+        if cfg.strategy not in ("fedspallm", "fedavg"):
+            raise UserError(f"federation.freeze_mask_after={cfg.freeze_mask_after}: refitting weights needs "
+                            f"uploaded values; federation.strategy={cfg.strategy} has none (use fedspallm or fedavg)")
     if not 1 <= cfg.fail_round <= cfg.rounds:
         raise UserError(f"federation.fail_round={cfg.fail_round}: must be in 1..{cfg.rounds} (federation.rounds)")
 

@@ -120,6 +120,56 @@ def test_client_base_global_keeps_earlier_rounds_blocks():
         assert int((weight == 0).sum()) == round(0.5 * weight.numel()), name
 
 
+def test_client_base_global_prunes_sampled_blocks_from_the_dense_cache():
+    # Re-pruning an already pruned matrix to the same target would find its own zeros again; with the
+    # dense cache as the starting point, round 2 reaches a different matrix (calibrated on the global
+    # model's activations) at the same exact target.
+    spec = PruneSpec("sparsegpt", 0.5)
+    clients = {c: random_windows(n=2, seed=30 + c) for c in range(2)}
+    one = make_tiny_model("llama")
+    first, _ = federate(one, clients, spec, sampling="all", rounds=1)
+    two = make_tiny_model("llama")
+    federate(two, clients, spec, sampling="all", rounds=2, client_base="global")
+    after_one, after_two = weights(one), weights(two)
+    assert any(not torch.equal(after_one[n], after_two[n]) for n in after_one)
+    for name, weight in after_two.items():
+        assert int((weight == 0).sum()) == round(0.5 * weight.numel()), name
+    # Block 0 sees the embeddings whatever the upstream, so its clients' statistics and results repeat.
+    block0 = [n for n in after_one if n.startswith("model.layers.0.")]
+    assert all(torch.equal(after_one[n], after_two[n]) for n in block0)
+
+
+def test_refit_rounds_keep_the_global_mask_and_refit_the_values():
+    spec = PruneSpec("sparsegpt", 0.6)
+    clients = {c: random_windows(n=2, seed=40 + c) for c in range(3)}
+    model = make_tiny_model("llama")
+    mask_round, _ = federate(model, clients, spec, sampling="all", rounds=1)
+    masks = {n: m.clone() for n, m in mask_round.masks.items()}
+    after_masks = weights(model)
+    refit_model = make_tiny_model("llama")
+    outcome, _ = federate(refit_model, clients, spec, sampling="all", rounds=2, freeze_mask_after=1)
+    refit = weights(refit_model)
+    for name, mask in masks.items():
+        assert torch.equal(outcome.masks[name], mask), name
+        assert torch.equal(refit[name] != 0, mask), name
+    assert all(not torch.equal(refit[n], after_masks[n]) for n in masks)
+    # Round 2 uploads the kept values only: the server knows the mask.
+    kept = {n: int(m.sum()) for n, m in masks.items()}
+    assert outcome.rounds[1].upload_bytes[0] == sum(kept.values()) * 4
+    assert outcome.rounds[0].upload_bytes[0] > outcome.rounds[1].upload_bytes[0]
+
+
+def test_refit_with_identical_clients_is_one_client_refitting():
+    spec = PruneSpec("sparsegpt", 0.5)
+    windows = random_windows(n=4, seed=50)
+    one = make_tiny_model("llama")
+    federate(one, {0: windows}, spec, sampling="all", rounds=2, freeze_mask_after=1)
+    many = make_tiny_model("llama")
+    federate(many, {c: windows for c in range(3)}, spec, sampling="all", rounds=2, freeze_mask_after=1)
+    for name, weight in weights(one).items():
+        assert torch.equal(weight, weights(many)[name]), name
+
+
 def test_mask_vote_keeps_dense_values_at_kept_positions():
     spec = PruneSpec("wanda", 0.5)
     dense = weights(make_tiny_model("llama"))

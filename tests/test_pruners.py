@@ -341,6 +341,35 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(sparsity, n, m):
         assert sgpt < wanda < mag, (seed, sgpt, wanda, mag)
 
 
+def test_sparsegpt_given_its_own_mask_reproduces_its_own_weights():
+    # Unstructured SparseGPT fixes a tile's mask before sweeping it, so handing it back that mask
+    # must replay the same sweep, bit for bit.
+    weight, _, hessian = _layer(11, out=32, inp=96)
+    chosen = sparsegpt_prune(weight, hessian, 0.6, blocksize=32)
+    refit = sparsegpt_prune(weight, hessian, 0.6, blocksize=32, keep=chosen.mask)
+    assert torch.equal(refit.mask, chosen.mask) and torch.equal(refit.weight, chosen.weight)
+
+
+def test_sparsegpt_refit_under_a_given_mask_beats_masking_alone():
+    for seed in range(3):
+        weight, x, hessian = _layer(20 + seed, out=32, inp=64, tokens=512)
+        keep = magnitude_prune(weight, 0.7).mask
+        refit = sparsegpt_prune(weight, hessian, 0.7, keep=keep)
+        assert torch.equal(refit.mask, keep)
+        assert torch.equal(refit.weight != 0, keep)  # kept weights stay, pruned ones are exact zeros
+
+        def error(w: torch.Tensor) -> float:
+            return torch.linalg.norm(x @ (weight - w).T).item()
+
+        assert error(refit.weight) < 0.97 * error(weight * keep), seed
+
+
+def test_sparsegpt_rejects_a_misshaped_mask():
+    weight, _, hessian = _layer(12, out=8, inp=16)
+    with pytest.raises(ValueError, match="keep must be"):
+        sparsegpt_prune(weight, hessian, 0.5, keep=torch.ones(16, 8, dtype=torch.bool))
+
+
 def test_sparsegpt_dead_input_column_is_zeroed():
     weight, x, _ = _layer(10, out=8, inp=16)
     x[:, 5] = 0

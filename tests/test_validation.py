@@ -125,6 +125,11 @@ CASES = [
     ("resume-missing", ["--output.resume", "{bad}/no-run"], ["output.resume=", "no such run directory"]),
     ("resume-without-checkpoint", ["--output.resume", "{bad}/noconfig"], ["output.resume=", "no federation.ckpt"]),
     ("resume-not-a-checkpoint", ["--output.resume", "{bad}/afile"], ["output.resume=", "not a readable checkpoint"]),
+    ("freeze-mask-not-before-last-round", ["--federation.freeze_mask_after", "1"],
+     ["federation.freeze_mask_after=1", "federation.rounds=1"]),
+    ("freeze-mask-with-mask-vote", ["--federation.rounds", "2", "--federation.freeze_mask_after", "1",
+                                    "--federation.strategy", "mask_vote"],
+     ["federation.freeze_mask_after=1", "mask_vote"]),
     ("unknown-key", ["--pruning.foo", "1"], ["unrecognized arguments", "--pruning.foo"]),
     ("missing-config-file", ["--config", "{bad}/none.yaml"], ["--config", "does not exist"]),
 ]

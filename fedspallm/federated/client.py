@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,20 +41,28 @@ def client_round(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     offload: bool = False,
+    prune_from: Mapping[str, torch.Tensor] | None = None,
+    fixed_masks: Mapping[str, torch.Tensor] | None = None,
     on_block: Callable[[int, int], None] | None = None,
 ) -> ClientUpdate:
     """One client's local work in one round. The model comes back exactly as it went in.
 
     Calibration still runs through every block up to the last sampled one, so that a sampled block
-    sees inputs shaped by the blocks this client pruned before it, as in SparseGPT.
+    sees inputs shaped by the blocks this client pruned before it, as in SparseGPT. With
+    ``prune_from`` (the dense cache; the model then holds the global model) the sampled blocks start
+    from the dense weights and every block is calibrated on the global model's activations.
+    With ``fixed_masks`` (a refit round) the server knows the masks, so only the kept values are sent.
     """
     dtype = next(model.parameters()).dtype
     result = prune_sequential(
         model, windows, spec, blocks, batch_size=batch_size, device=device, offload=offload,
-        restore_dense=True, on_block=on_block,
+        restore_dense=True, prune_from=prune_from, fixed_masks=fixed_masks, propagate_original=prune_from is not None,
+        on_block=on_block,
     )
     if masks_only:
         sent = sum(mask_upload_bytes(r.mask) for r in result.pruned.values())
+    elif fixed_masks is not None:
+        sent = sum(int(torch.count_nonzero(r.mask)) * dtype.itemsize for r in result.pruned.values())
     else:
         sent = sum(upload_bytes(r.mask, dtype) for r in result.pruned.values())
     return ClientUpdate(client_id, round_index, sorted(blocks), result.pruned, sent, int(windows.numel()))

@@ -157,7 +157,7 @@ def run_federation(
         outcome = FederationOutcome(global_weights={}, masks={}, uncovered=uncovered)
     else:
         outcome = resume
-        if cfg.client_base == "global" or outcome.completed_rounds == cfg.rounds:
+        if _on_global_model(cfg, outcome.completed_rounds) or outcome.completed_rounds == cfg.rounds:
             _load_global(model, outcome)
     if watch is None:
         watch = RoundWatch(0, 1, cfg.num_clients, cfg.rounds, cfg.collective_timeout_s)
@@ -168,10 +168,20 @@ def run_federation(
                            batch_size=batch_size, device=device, offload=offload, on_client_block=on_client_block)
                 if on_round_end is not None:
                     on_round_end(t, outcome)
-            if cfg.client_base == "dense" and t < cfg.rounds - 1:
+            if t < cfg.rounds - 1 and not _on_global_model(cfg, t + 1):
                 for name, layer in prunable_modules(model).items():
                     set_weight(layer, dense[name])
     return outcome
+
+
+def is_refit_round(cfg: FederationConfig, t: int) -> bool:
+    """Round t (0-based) comes after ``freeze_mask_after`` rounds: the global mask is fixed, weights are refit."""
+    return cfg.freeze_mask_after is not None and t >= cfg.freeze_mask_after
+
+
+def _on_global_model(cfg: FederationConfig, t: int) -> bool:
+    """Whether round t's clients calibrate on the global model (else on their dense cache)."""
+    return cfg.client_base == "global" or is_refit_round(cfg, t)
 
 
 def _load_global(model: nn.Module, outcome: FederationOutcome) -> None:
@@ -182,7 +192,8 @@ def _load_global(model: nn.Module, outcome: FederationOutcome) -> None:
 
 def _local_work(
     t: int, model: nn.Module, client_windows: dict[int, torch.Tensor], spec: PruneSpec, cfg: FederationConfig,
-    samples: list[list[int]], watch: RoundWatch, masks_only: bool, on_client_block: Callable | None, **engine,
+    samples: list[list[int]], watch: RoundWatch, masks_only: bool, on_client_block: Callable | None,
+    prune_from: dict[str, torch.Tensor] | None, fixed_masks: dict[str, torch.Tensor] | None, **engine,
 ) -> tuple[dict[str, Contribution], dict[int, int]]:
     """This process's clients prune their sampled blocks; their contributions are summed locally."""
     local: dict[str, Contribution] = {}
@@ -198,7 +209,8 @@ def _local_work(
 
         with watch.client(t, client_id):
             update = client_round(model, client_windows[client_id], spec, samples[client_id], client_id, t,
-                                  masks_only=masks_only, on_block=on_block, **engine)
+                                  masks_only=masks_only, prune_from=prune_from, fixed_masks=fixed_masks,
+                                  on_block=on_block, **engine)
         for name, result in update.pruned.items():
             local[name] = contribute(local.get(name), result.weight.cpu(), result.mask.cpu())
         sent[client_id] = update.upload_bytes
@@ -217,8 +229,13 @@ def _run_round(
     dtype = next(model.parameters()).dtype
     n, m = spec.n, spec.m
     samples = plan.samples[t]
+    # On the global model (client_base=global, refit rounds) a sampled block is still pruned afresh from the
+    # dense cache, calibrated on the inputs the global model gives it (see calibration.prune_sequential).
+    refit = is_refit_round(cfg, t)
+    prune_from = dense if _on_global_model(cfg, t) else None
+    fixed_masks = outcome.masks if refit else None
     local, sent = _local_work(t, model, client_windows, spec, cfg, samples, watch, masks_only, on_client_block,
-                              **engine)
+                              prune_from, fixed_masks, **engine)
     client_time = time.perf_counter() - started
 
     round_blocks = sorted({b for blocks in samples for b in blocks})
@@ -227,7 +244,7 @@ def _run_round(
     reduced, collective_time = _reduce_contributions(local, names, reduce, masks_only)
     outcome.collective_time_s += collective_time
     pooled = outcome.pooled
-    if cfg.client_base == "global":
+    if _on_global_model(cfg, t):
         pooled.clear()  # each round replaces the blocks it covers
         pooled.update(reduced)
     else:
@@ -241,6 +258,9 @@ def _run_round(
         if masks_only:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + t)
             result = mask_vote(dense[name], prune_votes(contribution), spec.sparsity, n, m, generator)
+        elif refit:
+            # Every contributor kept exactly the global mask, so the ℓ0 average is the plain one and keeps that mask.
+            result = aggregate(contribution, "l0", False)
         else:
             result = aggregate(contribution, aggregation, cfg.expansion, spec.sparsity, n, m)
         outcome.global_weights[name] = result.weight.to(dtype)

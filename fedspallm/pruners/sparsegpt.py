@@ -54,14 +54,21 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     max_damping_retries: int = 6,
+    keep: torch.Tensor | None = None,
 ) -> PruneResult:
-    """Prune ``weight`` [out, in] to ``sparsity`` (or N:M) given H = (2/n) sum X X^T [in, in]."""
+    """Prune ``weight`` [out, in] to ``sparsity`` (or N:M) given H = (2/n) sum X X^T [in, in].
+
+    With ``keep`` (bool [out, in], True = kept) the mask is given rather than chosen: the OBS sweep
+    only refits the kept weights to it (``sparsity``, ``n`` and ``m`` are then not used).
+    """
     check_weight(weight, sparsity, n, m)
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian must be [{cols}, {cols}], got {tuple(hessian.shape)}")
+    if keep is not None and keep.shape != weight.shape:
+        raise ValueError(f"keep must be [{rows}, {cols}], got {tuple(keep.shape)}")
     check_finite("hessian", hessian)
-    if n == 0 and sparsity == 0:
+    if keep is None and n == 0 and sparsity == 0:
         return PruneResult(weight.detach().clone(), torch.ones_like(weight, dtype=torch.bool))
     if n:
         # N:M groups must not straddle two tiles.
@@ -75,13 +82,19 @@ def sparsegpt_prune(
     # unit diagonal keeps H invertible without coupling that input to the others.
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1
-    Wt[dead] = 0
+    if keep is None:
+        Wt[dead] = 0
+    else:
+        dead = torch.zeros_like(dead)  # a given mask stands; an input this data never uses keeps its weight
     Hinv = inverse_hessian_cholesky(H, percdamp, max_damping_retries)
     del H
 
-    pruned_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)
+    if keep is None:
+        pruned_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)
+    else:
+        pruned_t = ~keep.detach().to(device=Wt.device, dtype=torch.bool).T.contiguous()
     with _single_cpu_thread(Wt.device):
-        _prune_tiles(Wt, Hinv, pruned_t, sparsity, n, m, blocksize)
+        _prune_tiles(Wt, Hinv, pruned_t, sparsity, n, m, blocksize, choose_mask=keep is None)
 
     mask = (~(pruned_t.T | dead)).contiguous()
     W = Wt.T.masked_fill(~mask, 0)
@@ -105,19 +118,19 @@ def _single_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 def _prune_tiles(Wt: torch.Tensor, Hinv: torch.Tensor, pruned_t: torch.Tensor, sparsity: float, n: int, m: int,
-                 blocksize: int) -> None:
-    """The OBS sweep over column tiles, in place on W^T and the pruned-mask^T."""
+                 blocksize: int, choose_mask: bool = True) -> None:
+    """The OBS sweep over column tiles, in place on W^T and the pruned-mask^T (read, not chosen, if not choose_mask)."""
     cols = Wt.shape[0]
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
         W1, P1, Hinv1 = Wt[c0:c1], pruned_t[c0:c1], Hinv[c0:c1, c0:c1]
         d = Hinv1.diagonal()
         Err1 = torch.empty_like(W1)
-        if n == 0:
+        if choose_mask and n == 0:
             # One selection over the whole tile: rows with more to spare give up more.
             P1.copy_(~prune_lowest(W1.square() / d[:, None].square(), sparsity))
         for i in range(c1 - c0):
-            if n and i % m == 0:
+            if choose_mask and n and i % m == 0:
                 g = slice(i, i + m)
                 scores = (W1[g].square() / d[g, None].square()).T
                 P1[g] = ~prune_lowest(scores, 0.0, n, m).T
