@@ -186,7 +186,6 @@ def prune_sequential(
     restore_dense: bool = False,
     prune_from: Mapping[str, torch.Tensor] | None = None,
     fixed_masks: Mapping[str, torch.Tensor] | None = None,
-    propagate_original: bool = False,
     on_block: Callable[[int, int], None] | None = None,
     on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
 ) -> SequentialResult:
@@ -197,10 +196,8 @@ def prune_sequential(
     function as it came in. Federated clients use it to keep their dense cache across rounds.
 
     ``prune_from`` maps full module names to the weights a selected block is loaded with before its
-    statistics are gathered and it is pruned. ``propagate_original`` feeds the next block with the
-    outputs of the block's weights as they were on entry instead of its pruned ones, so that every
-    block is calibrated on the inputs the model as given produces. Federated clients calibrating on
-    the global model use both, with the dense cache as ``prune_from``: re-pruning an already pruned
+    statistics are gathered and it is pruned; its pruned outputs still feed the next block. Federated
+    clients that calibrate on the global model pass their dense cache: re-pruning an already pruned
     matrix to the same target would only find its own zeros again (zeros score lowest in every
     pruner). ``fixed_masks`` (full module name -> keep-mask) gives the mask instead of letting the
     pruner choose it; SparseGPT then only refits the kept weights.
@@ -230,8 +227,7 @@ def prune_sequential(
         if offload:
             block.to(device)
         layers = find_prunable_layers(block) if index in selected else {}
-        keep_original = restore_dense or propagate_original
-        original = {name: layer.weight.detach().clone() for name, layer in layers.items()} if keep_original else {}
+        original = {name: layer.weight.detach().clone() for name, layer in layers.items()} if restore_dense else {}
         if prune_from is not None:
             for name, layer in layers.items():
                 set_weight(layer, prune_from[f"{prefix}.{index}.{name}"])
@@ -250,9 +246,6 @@ def prune_sequential(
             result.stats.layers_pruned += 1
         if layers:
             result.stats.blocks_pruned += 1
-        if propagate_original:
-            for name, layer in layers.items():
-                layer.weight.copy_(original[name])
         hidden = [_first_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         result.stats.forward_passes += len(hidden)
         for name, layer in layers.items():

@@ -128,15 +128,15 @@ class FederationConfig:
             sum k_i >= L), uniform (independent draws) or all (every client prunes every block).
         aggregation: l0 (average only the non-zeros) or fedavg (average including zeros).
         expansion: expand the aggregated mask to the exact target sparsity.
-        client_base: dense (clients calibrate on their cached dense model; all rounds are pooled) or
-            global (clients calibrate on the current global model, so a sampled block sees the inputs
-            the global model gives it; the block itself is pruned afresh from the dense cache, and
-            each round replaces the blocks it covers).
+        client_base: dense (the blocks a client does not sample are its cached dense ones; all
+            rounds are pooled) or global (they are the current global model's; each round replaces
+            the blocks it covers). Either way a sampled block is pruned from the dense cache (an
+            already pruned matrix would only find its own zeros again) and feeds the next block.
         freeze_mask_after: null (the paper's method) or a round count F < rounds: rounds after the
-            first F keep the global mask fixed and refit the kept weights. Every client calibrates on
-            the global model, re-runs SparseGPT's update from the dense cache with the global mask
-            given, and uploads only the kept values; the server averages them. Clients then disagree
-            only on values, not on which weights exist. Not for mask_vote.
+            first F keep the global mask fixed and refit the kept weights. Every client starts from
+            the global model, re-runs SparseGPT's update on its sampled blocks from the dense cache
+            with the global mask given, and uploads only the kept values; the server averages them.
+            Clients then disagree only on values, not on which weights exist. Not for mask_vote.
         uncovered: what to do with blocks no client pruned: error, magnitude (server prunes them by
             magnitude) or dense (left dense; the shortfall is reported).
         collective_timeout_s: a collective that waits longer than this fails the run (a dead or

@@ -341,6 +341,46 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(sparsity, n, m):
         assert sgpt < wanda < mag, (seed, sgpt, wanda, mag)
 
 
+def _reference_obs_sweep(weight: torch.Tensor, hinv: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int):
+    """SparseGPT's sweep transcribed column by column, with the full (not lazy) update W[:, i:] -= err x Hinv[i, i:]."""
+    w = weight.clone()
+    rows, cols = w.shape
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for c0 in range(0, cols, blocksize):
+        c1 = min(c0 + blocksize, cols)
+        if n == 0:
+            scores = w[:, c0:c1] ** 2 / torch.diagonal(hinv)[c0:c1] ** 2
+            k = num_to_prune(scores.numel(), sparsity)
+            flat = scores.T.flatten()  # the kernel scans a tile column-major
+            chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+            chosen[flat.argsort(stable=True)[:k]] = True
+            pruned[:, c0:c1] = chosen.reshape(c1 - c0, rows).T
+        for i in range(c0, c1):
+            if n and (i - c0) % m == 0:
+                scores = w[:, i : i + m] ** 2 / torch.diagonal(hinv)[i : i + m] ** 2
+                pruned[:, i : i + m] = False
+                pruned[:, i : i + m].scatter_(1, scores.argsort(dim=1, stable=True)[:, :n], True)
+            err = torch.where(pruned[:, i], w[:, i], 0.0) / hinv[i, i]
+            w[:, i:] -= torch.outer(err, hinv[i, i:])
+            w[:, i] = torch.where(pruned[:, i], 0.0, w[:, i])
+    return w, ~pruned
+
+
+@pytest.mark.parametrize(("sparsity", "n", "m"), [(0.6, 0, 0), (0.0, 2, 4), (0.0, 4, 8)])
+def test_sparsegpt_sweep_equals_the_column_by_column_algorithm(sparsity, n, m):
+    from fedspallm.pruners.sparsegpt import _prune_tiles, inverse_hessian_cholesky
+
+    weight, _, hessian = _layer(13, out=24, inp=80, tokens=512)
+    weight, hessian = weight.double(), hessian.double()
+    hinv = inverse_hessian_cholesky(hessian)
+    expected_w, expected_keep = _reference_obs_sweep(weight, hinv, sparsity, n, m, blocksize=32)
+    wt = weight.T.contiguous()
+    pruned_t = torch.zeros(wt.shape, dtype=torch.bool)
+    _prune_tiles(wt, hinv, pruned_t, sparsity, n, m, blocksize=32)
+    assert torch.equal(~pruned_t.T, expected_keep)
+    torch.testing.assert_close(wt.T, expected_w, rtol=0, atol=1e-10)
+
+
 def test_sparsegpt_given_its_own_mask_reproduces_its_own_weights():
     # Unstructured SparseGPT fixes a tile's mask before sweeping it, so handing it back that mask
     # must replay the same sweep, bit for bit.

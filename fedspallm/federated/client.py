@@ -49,15 +49,14 @@ def client_round(
 
     Calibration still runs through every block up to the last sampled one, so that a sampled block
     sees inputs shaped by the blocks this client pruned before it, as in SparseGPT. With
-    ``prune_from`` (the dense cache; the model then holds the global model) the sampled blocks start
-    from the dense weights and every block is calibrated on the global model's activations.
+    ``prune_from`` (the dense cache, while the model holds the global model) the sampled blocks start
+    from the dense weights and the blocks not sampled are the global model's.
     With ``fixed_masks`` (a refit round) the server knows the masks, so only the kept values are sent.
     """
     dtype = next(model.parameters()).dtype
     result = prune_sequential(
         model, windows, spec, blocks, batch_size=batch_size, device=device, offload=offload,
-        restore_dense=True, prune_from=prune_from, fixed_masks=fixed_masks, propagate_original=prune_from is not None,
-        on_block=on_block,
+        restore_dense=True, prune_from=prune_from, fixed_masks=fixed_masks, on_block=on_block,
     )
     if masks_only:
         sent = sum(mask_upload_bytes(r.mask) for r in result.pruned.values())

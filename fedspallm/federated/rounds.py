@@ -230,7 +230,7 @@ def _run_round(
     n, m = spec.n, spec.m
     samples = plan.samples[t]
     # On the global model (client_base=global, refit rounds) a sampled block is still pruned afresh from the
-    # dense cache, calibrated on the inputs the global model gives it (see calibration.prune_sequential).
+    # dense cache (see calibration.prune_sequential).
     refit = is_refit_round(cfg, t)
     prune_from = dense if _on_global_model(cfg, t) else None
     fixed_masks = outcome.masks if refit else None

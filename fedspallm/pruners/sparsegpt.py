@@ -119,27 +119,36 @@ def _single_cpu_thread(device: torch.device) -> Iterator[None]:
 
 def _prune_tiles(Wt: torch.Tensor, Hinv: torch.Tensor, pruned_t: torch.Tensor, sparsity: float, n: int, m: int,
                  blocksize: int, choose_mask: bool = True) -> None:
-    """The OBS sweep over column tiles, in place on W^T and the pruned-mask^T (read, not chosen, if not choose_mask)."""
+    """The OBS sweep over column tiles, in place on W^T and the pruned-mask^T (read, not chosen, if not choose_mask).
+
+    Per column i the pruned part of w is err = w * pruned / Hinv_ii; the later columns of the tile
+    take -Hinv[i, later] x err, and w keeps only its kept entries. The column loop is bound by the
+    cost of launching ops, not by arithmetic, so every per-column tensor is a view made once per
+    tile (``unbind``) and each column costs four ops.
+    """
     cols = Wt.shape[0]
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
         W1, P1, Hinv1 = Wt[c0:c1], pruned_t[c0:c1], Hinv[c0:c1, c0:c1]
         d = Hinv1.diagonal()
-        Err1 = torch.empty_like(W1)
         if choose_mask and n == 0:
             # One selection over the whole tile: rows with more to spare give up more.
             P1.copy_(~prune_lowest(W1.square() / d[:, None].square(), sparsity))
+        keep = (~P1).to(W1.dtype)
+        scale = P1.to(W1.dtype) / d[:, None]
+        Err1 = torch.empty_like(W1)
+        columns, keeps, scales, errs, hinv_rows = W1.unbind(0), keep.unbind(0), scale.unbind(0), Err1.unbind(0), Hinv1.unbind(0)
         for i in range(c1 - c0):
             if choose_mask and n and i % m == 0:
+                # Each row's group of m columns gives up its n lowest scores (ties: lower column first).
                 g = slice(i, i + m)
-                scores = (W1[g].square() / d[g, None].square()).T
-                P1[g] = ~prune_lowest(scores, 0.0, n, m).T
-            w = W1[i]
-            q = w.masked_fill(P1[i], 0)
-            err = (w - q) / d[i]
-            # Compensate on the columns not yet visited; write q itself so zeros are exact zeros.
-            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
-            W1[i] = q
-            Err1[i] = err
+                lowest = (W1[g].square() / d[g, None].square()).argsort(dim=0, stable=True)[:n]
+                P1[g] = torch.zeros_like(P1[g]).scatter_(0, lowest, True)
+                keep[g] = (~P1[g]).to(W1.dtype)
+                scale[g] = P1[g].to(W1.dtype) / d[g, None]
+            err = torch.mul(columns[i], scales[i], out=errs[i])
+            # Compensate on the columns not yet visited; keep only the kept entries, so zeros are exact zeros.
+            W1[i + 1 :].addr_(hinv_rows[i][i + 1 :], err, alpha=-1)
+            columns[i].mul_(keeps[i])
         # The columns after the tile receive all of its updates at once, as one matmul.
         Wt[c1:].addmm_(Hinv[c0:c1, c1:].T, Err1, alpha=-1)
