@@ -65,7 +65,8 @@ def _as_tuples(value: Any) -> Any:
 
 
 def checkpoint_state(outcome: FederationOutcome, fingerprint_: dict[str, Any],
-                     bytes_per_round: list[list[int]], rounds: int) -> dict[str, Any]:
+                     bytes_per_round: list[list[int]], rounds: int,
+                     client_seconds_per_round: list[list[float]] | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "completed_rounds": outcome.completed_rounds,
@@ -81,6 +82,7 @@ def checkpoint_state(outcome: FederationOutcome, fingerprint_: dict[str, Any],
                         "aggregate_time_s": log.aggregate_time_s, "wall_time_s": log.wall_time_s}
                        for log in outcome.rounds],
         "bytes_per_round": bytes_per_round,
+        "client_seconds_per_round": client_seconds_per_round or [],
         "rng": capture_rng(),
     }
 
@@ -141,11 +143,14 @@ def outcome_from_checkpoint(state: dict[str, Any]) -> FederationOutcome:
                              pooled=pooled, completed_rounds=int(state["completed_rounds"]))
 
 
-def start_from(state: dict[str, Any] | None, bytes_per_round: list[list[int]]) -> FederationOutcome | None:
-    """The outcome to resume from (None for a fresh run). Restores the RNG states and the byte log."""
+def start_from(state: dict[str, Any] | None, bytes_per_round: list[list[int]],
+               client_seconds_per_round: list[list[float]] | None = None) -> FederationOutcome | None:
+    """The outcome to resume from (None for a fresh run). Restores the RNG states and the per-round logs."""
     if state is None:
         return None
     bytes_per_round.extend(state["bytes_per_round"])
+    if client_seconds_per_round is not None:
+        client_seconds_per_round.extend(state.get("client_seconds_per_round", []))
     restore_rng(state["rng"])
     return outcome_from_checkpoint(state)
 
@@ -154,13 +159,16 @@ class RoundCheckpointer:
     """``after_round(t, outcome)`` saves the state after round t; a no-op unless checkpointing is on."""
 
     def __init__(self, fabric: Any, run_dir: Path | None, fingerprint_: dict[str, Any], rounds: int,
-                 bytes_per_round: list[list[int]], enabled: bool) -> None:
+                 bytes_per_round: list[list[int]], enabled: bool,
+                 client_seconds_per_round: list[list[float]] | None = None) -> None:
         self.fabric, self.run_dir, self.fingerprint, self.rounds = fabric, run_dir, fingerprint_, rounds
         self.bytes_per_round = bytes_per_round
+        self.client_seconds_per_round = client_seconds_per_round
         self.enabled = enabled and rounds > 1
         self.path: Path | None = None
 
     def after_round(self, t: int, outcome: FederationOutcome) -> None:
         if self.enabled:
-            state = checkpoint_state(outcome, self.fingerprint, self.bytes_per_round, self.rounds)
+            state = checkpoint_state(outcome, self.fingerprint, self.bytes_per_round, self.rounds,
+                                     self.client_seconds_per_round)
             self.path = save_checkpoint(self.fabric, self.run_dir, state)

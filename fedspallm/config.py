@@ -139,6 +139,9 @@ class FederationConfig:
             Clients then disagree only on values, not on which weights exist. Not for mask_vote.
         uncovered: what to do with blocks no client pruned: error, magnitude (server prunes them by
             magnitude) or dense (left dense; the shortfall is reported).
+        standalone_clients: standalone only: prune and evaluate this many clients, drawn with the
+            seed, instead of all K (their mean, min and max are reported). With many clients each
+            standalone model costs a whole prune and evaluation; null evaluates every client.
         collective_timeout_s: a collective that waits longer than this fails the run (a dead or
             hung client never hangs the others forever). A process that dies is noticed at once on
             CPU (gloo closes the connection); a hung one after this many seconds. The run then
@@ -166,6 +169,7 @@ class FederationConfig:
     client_base: Literal["dense", "global"] = "dense"
     freeze_mask_after: Optional[int] = None
     uncovered: Literal["error", "magnitude", "dense"] = "error"
+    standalone_clients: Optional[int] = None
     collective_timeout_s: float = 600.0
     on_client_failure: Literal["stop"] = "stop"
     fail_client: Optional[int] = None
@@ -294,6 +298,9 @@ def validate_federation(cfg: FederationConfig, data: DataConfig) -> None:
         raise UserError(
             f"federation.fail_client={cfg.fail_client}: must be a client id in 0..{cfg.num_clients - 1} or null"
         )
+    if cfg.standalone_clients is not None and not 1 <= cfg.standalone_clients <= cfg.num_clients:
+        raise UserError(f"federation.standalone_clients={cfg.standalone_clients}: must be null or in "
+                        f"1..{cfg.num_clients} (federation.num_clients)")
     if cfg.freeze_mask_after is not None:
         if not 1 <= cfg.freeze_mask_after < cfg.rounds:
             raise UserError(f"federation.freeze_mask_after={cfg.freeze_mask_after}: must be null or in "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import random
 import resource
 import time
 from dataclasses import asdict
@@ -119,7 +120,9 @@ def prune(
         perplexity: dict[str, Any] = evaluate_all(fabric, module, eval_sets, eval.batch_size, runtime.progress)
         eval_s = time.perf_counter() - eval_started
     elif strategy == "standalone":
-        my_clients = clients_of_rank(federation.num_clients, fabric.world_size, fabric.global_rank)
+        evaluated = standalone_clients(federation.num_clients, federation.standalone_clients, seed)
+        my_clients = [c for c in clients_of_rank(federation.num_clients, fabric.world_size, fabric.global_rank)
+                      if c in evaluated]
         windows = calibration.materialize(my_clients)
         dense_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         scores = torch.zeros(federation.num_clients, len(eval_sets), dtype=torch.float64)
@@ -128,18 +131,23 @@ def prune(
             with reporter.blocks(f"client {client_id} (standalone)", num_blocks) as advance:
                 prune_sequential(net, windows[client_id], spec, batch_size=runtime.batch_size, device=fabric.device,
                                  offload=pruning.offload, on_block=advance)
-            if client_id == 0:
+            if client_id == evaluated[0]:
                 extra["sparsity"] = sparsity_report(net, spec.sparsity)  # every client prunes to the same target
             eval_started = time.perf_counter()
             local = evaluate_all(None, module, eval_sets, eval.batch_size, progress=False)
             eval_s += time.perf_counter() - eval_started
             scores[client_id] = torch.tensor(list(local.values()), dtype=torch.float64)
             net.load_state_dict(dense_state)
-        scores = fabric.all_reduce(scores, reduce_op="sum") if fabric.world_size > 1 else scores
+        if fabric.world_size > 1:
+            scores = fabric.all_reduce(scores, reduce_op="sum")
+            owner = next(r for r in range(fabric.world_size)
+                         if evaluated[0] in clients_of_rank(federation.num_clients, fabric.world_size, r))
+            extra["sparsity"] = fabric.broadcast(extra.get("sparsity"), src=owner)
         perplexity = {}
         for j, name in enumerate(eval_sets):
-            col = scores[:, j].tolist()
-            perplexity[name] = {"mean": sum(col) / len(col), "min": min(col), "max": max(col), "per_client": col}
+            col = scores[evaluated, j].tolist()
+            perplexity[name] = {"mean": sum(col) / len(col), "min": min(col), "max": max(col), "per_client": col,
+                                "clients": evaluated}
         prune_s = time.perf_counter() - prune_started - eval_s
     else:
         plan = plan_rounds(federation, num_blocks, seed)
@@ -149,9 +157,10 @@ def prune(
         def reduce(tensor: torch.Tensor) -> torch.Tensor:
             return fabric.all_reduce(tensor, reduce_op="sum") if fabric.world_size > 1 else tensor
 
-        resume = start_from(checks.resume, reporter.bytes_per_round)
+        resume = start_from(checks.resume, reporter.bytes_per_round, reporter.client_seconds_per_round)
         checkpointer = RoundCheckpointer(fabric, reporter.run_dir, fingerprint(seed, model, data, pruning, federation),
-                                         federation.rounds, reporter.bytes_per_round, output.checkpoint)
+                                         federation.rounds, reporter.bytes_per_round, output.checkpoint,
+                                         reporter.client_seconds_per_round)
 
         def round_end(t: int, outcome: FederationOutcome) -> None:
             reporter.log_round(t, outcome, plan, federation.num_clients, reduce)
@@ -169,6 +178,7 @@ def prune(
                 on_client_block=hooks.client_block, watch=watch, resume=resume,
             )
         bytes_per_round = reporter.bytes_per_round
+        extra["client_seconds_per_round"] = reporter.client_seconds_per_round
         extra["collective_time_s"] = outcome.collective_time_s
         extra["uncovered_blocks"] = outcome.uncovered
         extra["samples"] = plan.samples
@@ -233,6 +243,13 @@ def prune(
         reporter.close()
     fabric.barrier()
     return results
+
+
+def standalone_clients(num_clients: int, sample: int | None, seed: int) -> list[int]:
+    """The clients a standalone run prunes: all of them, or ``sample`` of them drawn with the seed."""
+    if sample is None or sample >= num_clients:
+        return list(range(num_clients))
+    return sorted(random.Random(f"fedspallm/standalone/{seed}").sample(range(num_clients), sample))
 
 
 def _broadcast_pruned(fabric: Fabric, net: torch.nn.Module) -> None:

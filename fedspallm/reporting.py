@@ -55,7 +55,8 @@ class RunReporter:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = Console(stderr=True)
         self.show_progress = progress and self.rank_zero
-        self.bytes_per_round: list[list[int]] = []
+        self.bytes_per_round: list[list[int]] = []  # [round][client] upload bytes
+        self.client_seconds_per_round: list[list[float]] = []  # [round][client] local pruning time
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -86,16 +87,21 @@ class RunReporter:
 
     def log_round(self, t: int, outcome: Any, plan: Any, num_clients: int,
                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Collective: gathers every client's upload bytes for round t, then logs on rank 0."""
+        """Collective: gathers every client's upload bytes and local time for round t, then logs on rank 0."""
         log = outcome.rounds[t]
         sent = torch.zeros(num_clients, dtype=torch.int64)
+        seconds = torch.zeros(num_clients, dtype=torch.float64)
         for client, value in log.upload_bytes.items():
             sent[client] = value
-        sent = reduce(sent)
+        for client, value in log.client_seconds.items():
+            seconds[client] = value
+        sent, seconds = reduce(sent), reduce(seconds)
         self.bytes_per_round.append(sent.tolist())
+        self.client_seconds_per_round.append(seconds.tolist())
         if self.logger is None:
             return
         metrics = {f"bytes/client_{c}": float(v) for c, v in enumerate(sent.tolist())}
+        metrics.update({f"time/client_{c}_s": float(v) for c, v in enumerate(seconds.tolist())})
         metrics["time/round_s"] = log.wall_time_s
         metrics["time/aggregate_s"] = log.aggregate_time_s
         for c, blocks in enumerate(plan.samples[t]):

@@ -61,6 +61,8 @@ def test_process_layouts_give_bitwise_identical_models(tiny_model_dir, tmp_path)
     sent = results(four)["bytes"]["upload_per_client_per_round"]
     assert len(sent) == 1 and len(sent[0]) == 4 and all(b > 0 for b in sent[0])
     assert sent == results(one)["bytes"]["upload_per_client_per_round"]
+    seconds = results(four)["client_seconds_per_round"]
+    assert len(seconds) == 1 and len(seconds[0]) == 4 and all(s > 0 for s in seconds[0])
 
 
 def test_two_nodes_over_loopback_match_one_node(tiny_model_dir, tmp_path):
@@ -91,6 +93,14 @@ def test_standalone_and_centralized_across_processes(tiny_model_dir, tmp_path):
     assert len(set(a["per_client"])) == 4  # four different clients, four different models
     assert a["per_client"] == pytest.approx(b["per_client"], rel=1e-9)
     assert a["min"] <= a["mean"] <= a["max"]
+    # A seeded sample of the clients: the same models as in the full run, the statistics over the sample.
+    sampled = tmp_path / "sampled"
+    run([FABRIC, "run", "--devices", "2", MAIN, *tiny_args(tiny_model_dir, sampled, "--federation.strategy", "standalone",
+                                                          "--federation.standalone_clients", "2")])
+    c = results(sampled)["perplexity"]["default"]
+    assert len(c["clients"]) == 2 and c["per_client"] == pytest.approx([a["per_client"][i] for i in c["clients"]], rel=1e-9)
+    assert c["mean"] == pytest.approx(sum(c["per_client"]) / 2)
+    assert results(sampled)["sparsity"] == results(solo)["sparsity"]
     central_one = tmp_path / "central1"
     run([sys.executable, MAIN, *tiny_args(tiny_model_dir, central_one, "--federation.strategy", "centralized")])
     central_two = tmp_path / "central2"

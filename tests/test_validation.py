@@ -130,6 +130,8 @@ CASES = [
     ("freeze-mask-with-mask-vote", ["--federation.rounds", "2", "--federation.freeze_mask_after", "1",
                                     "--federation.strategy", "mask_vote"],
      ["federation.freeze_mask_after=1", "mask_vote"]),
+    ("standalone-sample-too-large", ["--federation.standalone_clients", "3"],
+     ["federation.standalone_clients=3", "1..2"]),
     ("unknown-key", ["--pruning.foo", "1"], ["unrecognized arguments", "--pruning.foo"]),
     ("missing-config-file", ["--config", "{bad}/none.yaml"], ["--config", "does not exist"]),
 ]

@@ -75,9 +75,10 @@ class RoundLog:
     round_index: int
     samples: list[list[int]]  # client -> blocks pruned this round
     upload_bytes: dict[int, int]  # client -> bytes (this rank's clients only, before gathering)
-    client_time_s: float
+    client_time_s: float  # this process's local work, all its clients
     aggregate_time_s: float
     wall_time_s: float
+    client_seconds: dict[int, float] = field(default_factory=dict)  # client -> its local work (this rank's clients)
 
 
 @dataclass
@@ -194,10 +195,11 @@ def _local_work(
     t: int, model: nn.Module, client_windows: dict[int, torch.Tensor], spec: PruneSpec, cfg: FederationConfig,
     samples: list[list[int]], watch: RoundWatch, masks_only: bool, on_client_block: Callable | None,
     prune_from: dict[str, torch.Tensor] | None, fixed_masks: dict[str, torch.Tensor] | None, **engine,
-) -> tuple[dict[str, Contribution], dict[int, int]]:
+) -> tuple[dict[str, Contribution], dict[int, int], dict[int, float]]:
     """This process's clients prune their sampled blocks; their contributions are summed locally."""
     local: dict[str, Contribution] = {}
     sent: dict[int, int] = {}
+    seconds: dict[int, float] = {}
     for client_id in sorted(client_windows):
         fault = cfg.fail_mode if cfg.fail_client == client_id and cfg.fail_round == t + 1 else None
 
@@ -207,6 +209,7 @@ def _local_work(
             if fault is not None:
                 inject_fault(fault, c, t)  # after the client's first block: mid-round
 
+        started = time.perf_counter()
         with watch.client(t, client_id):
             update = client_round(model, client_windows[client_id], spec, samples[client_id], client_id, t,
                                   masks_only=masks_only, prune_from=prune_from, fixed_masks=fixed_masks,
@@ -214,7 +217,8 @@ def _local_work(
         for name, result in update.pruned.items():
             local[name] = contribute(local.get(name), result.weight.cpu(), result.mask.cpu())
         sent[client_id] = update.upload_bytes
-    return local, sent
+        seconds[client_id] = time.perf_counter() - started
+    return local, sent, seconds
 
 
 def _run_round(
@@ -234,7 +238,7 @@ def _run_round(
     refit = is_refit_round(cfg, t)
     prune_from = dense if _on_global_model(cfg, t) else None
     fixed_masks = outcome.masks if refit else None
-    local, sent = _local_work(t, model, client_windows, spec, cfg, samples, watch, masks_only, on_client_block,
+    local, sent, seconds = _local_work(t, model, client_windows, spec, cfg, samples, watch, masks_only, on_client_block,
                               prune_from, fixed_masks, **engine)
     client_time = time.perf_counter() - started
 
@@ -273,5 +277,6 @@ def _run_round(
     aggregate_time = time.perf_counter() - agg_started
 
     _load_global(model, outcome)
-    outcome.rounds.append(RoundLog(t, samples, sent, client_time, aggregate_time, time.perf_counter() - started))
+    outcome.rounds.append(RoundLog(t, samples, sent, client_time, aggregate_time, time.perf_counter() - started,
+                                   seconds))
     outcome.completed_rounds = t + 1
