@@ -1,38 +1,59 @@
-"""Experiments that check the paper's claims on the embedded default model and corpus.
+"""The paper's claims as experiments on the embedded default model and corpus (SmolLM2-135M, Wikipedia leads).
 
-    python experiments/run.py claims            # run what is missing, then write the table
-    python experiments/run.py claims --table    # only rebuild the table from existing results
-    python experiments/run.py claims --seeds 0 1 2
+    python experiments/run.py main             # run what is missing, then write its tables and plots
+    python experiments/run.py main --table     # only rebuild the tables and plots from existing results
+    python experiments/run.py seeds | ablation | clients | heterogeneity | communication | all
+    python experiments/run.py main --workers 1 # one run at a time (default: 2, one thread each)
 
-Each run is one ``fedspallm prune`` process writing ``experiments/out/<experiment>/<run>/version_0``;
-a run whose results.json exists is skipped, so an interrupted experiment resumes where it stopped.
-Tables are written to ``experiments/results/<experiment>.md`` from those results.json files only.
+Every run is one ``fedspallm`` process (``fedspallm/main.py prune ...`` or ``validate``) that writes
+``experiments/out/<run>/version_0/results.json``. A run whose results.json exists is not run again, so
+an interrupted experiment resumes where it stopped, and experiments share runs (the ablation's
+baseline is the main experiment's FedSpaLLM run). Tables go to ``experiments/results/<experiment>.md``
+and plots to ``docs/plots/``, from those results.json files only.
+
+Settings, chosen so that the main experiment fits in an hour on a 2-core CPU (``SETTINGS`` below):
+32 calibration windows of 128 tokens over all clients (4,096 tokens; 8 windows, 1,024 tokens per
+client with 4 clients, fewer than the 1,536 inputs of the MLP down-projection: per-client data is
+scarce, as in the paper's setting of a few long samples per client on a 7B model); perplexity on 8
+windows of 256 tokens of the embedded test split ("default") and of a second, out-of-domain text: the
+Python language reference that ships with the interpreter (``pydoc_data.topics``), written to
+``experiments/data/python-reference.txt``. Two runs go at once, each on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
 OUT = ROOT / "out"
 TABLES = ROOT / "results"
-MAIN = ROOT.parent / "fedspallm" / "main.py"
+PLOTS = REPO / "docs" / "plots"
+MAIN = REPO / "fedspallm" / "main.py"
+SECOND_TEXT = ROOT / "data" / "python-reference.txt"
+DATASETS = ("default", "experiments/data/python-reference.txt")
+DATASET_NAMES = {"default": "embedded test split", "experiments/data/python-reference.txt": "Python reference"}
 
-# Small enough for a 2-core CPU, large enough that methods separate: 32 calibration windows of
-# 256 tokens over all clients; 16 evaluation windows of 512 tokens of the embedded test split.
+SETTINGS = {"nsamples": 32, "seqlen": 128, "eval_seqlen": 256, "eval_windows": 8}
 COMMON = [
-    "--data.nsamples", "32", "--data.seqlen", "256",
-    "--eval.seqlen", "512", "--eval.max_windows", "16",
-    "--output.save_model", "false", "--output.save_compressed", "false",
-    "--runtime.progress", "false",
+    "--data.nsamples", str(SETTINGS["nsamples"]), "--data.seqlen", str(SETTINGS["seqlen"]),
+    "--runtime.progress", "false", "--runtime.threads", "1",
 ]
+EVAL = ["--eval.seqlen", str(SETTINGS["eval_seqlen"]), "--eval.max_windows", str(SETTINGS["eval_windows"]),
+        "--eval.datasets", "[" + ", ".join(DATASETS) + "]"]
+NO_EXPORT = ["--output.save_model", "false", "--output.save_compressed", "false", "--output.checkpoint", "false"]
+TARGETS = ("0.5", "0.6", "0.7", "0.8", "2:4")
+FEDERATED = ("fedspallm", "fedavg", "mask_vote", "standalone")
 
 
 @dataclass
@@ -43,118 +64,159 @@ class Run:
 
     @property
     def directory(self) -> Path:
-        return OUT / self.experiment / self.name
-
-    experiment: str = ""
+        return OUT / self.name
 
     def results(self) -> dict | None:
-        files = sorted(self.directory.glob("version_*/results.json"))
-        return json.loads(files[-1].read_text()) if files else None
+        path = self.directory / "version_0" / "results.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
 
-def claims_runs(seeds: list[int]) -> list[Run]:
-    """FedSpaLLM against standalone in every cell; the other baselines in the 4-client cells."""
-    runs = []
-    cells = [(s, k, p) for k in ("4", "8") for s in ("0.7", "0.8") for p in ("iid", "topic")]
-    for seed in seeds:
-        for strategies in (("fedspallm", "standalone"), ("centralized", "fedavg", "mask_vote")):
-            for sparsity, clients, partition in cells:
-                if strategies[0] == "centralized" and (seed != seeds[0] or clients != "4"):
-                    continue
-                base = ["--seed", str(seed), "--pruning.sparsity", sparsity, "--federation.num_clients", clients,
-                        "--data.partition", partition]
-                tags = {"seed": seed, "sparsity": float(sparsity), "clients": int(clients), "partition": partition}
-                for strategy in strategies:
-                    # FedPrLLM's clients run Wanda; its masks on the dense weights are what it aggregates.
-                    pruner = ["--pruning.method", "wanda", "--federation.sampling", "all"] if strategy == "mask_vote" else []
-                    name = f"{strategy}-s{sparsity}-k{clients}-{partition}-seed{seed}"
-                    runs.append(Run(name, base + ["--federation.strategy", strategy, *pruner],
-                                    {**tags, "strategy": strategy}, experiment="claims"))
-    return runs
+def target_args(target: str) -> list[str]:
+    return ["--pruning.pattern", target] if ":" in target else ["--pruning.sparsity", target]
 
 
-def variants_runs(seeds: list[int]) -> list[Run]:
-    """FedSpaLLM's choices in the 70%, 4-client, IID cell: which one closes the gap to standalone?"""
-    base = ["--pruning.sparsity", "0.7", "--federation.num_clients", "4", "--data.partition", "iid"]
-    options = {
-        "systematic-dense-1round": [],
-        "all-blocks": ["--federation.sampling", "all"],
-        "global-2rounds": ["--federation.client_base", "global", "--federation.rounds", "2"],
-        "all-blocks-global-2rounds": ["--federation.sampling", "all", "--federation.client_base", "global",
-                                      "--federation.rounds", "2"],
-    }
-    return [Run(f"{name}-seed{seed}", ["--seed", str(seed), *base, *args], {"variant": name, "seed": seed},
-                experiment="variants") for seed in seeds for name, args in options.items()]
+def label(target: str) -> str:
+    return target if ":" in target else f"{float(target):.0%}"
 
 
-def variants_table(runs: list[Run]) -> str:
-    lines = ["| variant (70%, 4 clients, IID) | perplexity | upload / client / round |", "|---|---|---|"]
-    for run in runs:
-        results = run.results()
-        if results is not None:
-            sent = results["bytes"]["upload_per_client_per_round"]
-            per = sum(sum(r) for r in sent) / max(1, sum(len(r) for r in sent))
-            lines.append(f"| {run.tags['variant']} | {ppl(results):.1f} | {per / 1e6:.1f} MB |")
-    return "\n".join(lines) + "\n"
+def prune_run(strategy: str, target: str = "0.7", clients: int = 4, partition: str = "iid", seed: int = 0,
+              method: str = "sparsegpt", variant: str = "", extra: list[str] | None = None, **tags) -> Run:
+    """One ``prune`` run. ``variant`` names settings beyond the defaults (``extra``)."""
+    if strategy == "mask_vote":
+        method = "wanda"  # FedPrLLM's clients run Wanda and send masks for every block
+        extra = ["--federation.sampling", "all", *(extra or [])]
+    name = f"{strategy}-{method}-{target.replace(':', 'of')}-k{clients}-{partition}-seed{seed}"
+    name += f"-{variant}" if variant else ""
+    args = ["prune", *COMMON, *EVAL, *NO_EXPORT, "--seed", str(seed), "--federation.strategy", strategy,
+            "--federation.num_clients", str(clients), "--data.partition", partition, "--pruning.method", method,
+            *target_args(target), *(extra or [])]
+    return Run(name, args, {"strategy": strategy, "method": method, "target": target, "clients": clients,
+                            "partition": partition, "seed": seed, "variant": variant, **tags})
 
 
-def methods_runs(seeds: list[int]) -> list[Run]:
-    """Centralized pruners against each other, and the dense model (issue: order of methods)."""
-    runs = [Run(f"dense-seed{seeds[0]}", ["validate"], {"method": "dense", "setting": "dense"}, experiment="methods")]
-    for seed in seeds:
-        for setting in ("0.5", "0.7", "2:4"):
-            for method in ("sparsegpt", "wanda", "magnitude"):
-                target = ["--pruning.pattern", setting] if ":" in setting else ["--pruning.sparsity", setting]
-                runs.append(Run(f"{method}-{setting.replace(':', 'of')}-seed{seed}",
-                                ["--seed", str(seed), "--federation.strategy", "centralized", "--federation.num_clients", "1",
-                                 "--pruning.method", method, *target],
-                                {"method": method, "setting": setting, "seed": seed}, experiment="methods"))
-    return runs
+def dense_run() -> Run:
+    return Run("dense", ["validate", "--runtime.progress", "false", "--runtime.threads", "1", *EVAL],
+               {"strategy": "dense"})
 
 
-def methods_table(runs: list[Run]) -> str:
-    rows: dict[str, dict[str, float]] = {}
-    dense = None
-    for run in runs:
-        results = run.results()
-        if results is None:
-            continue
-        if run.tags["method"] == "dense":
-            dense = ppl(results)
-            continue
-        rows.setdefault(run.tags["method"], {})[run.tags["setting"]] = ppl(results)
-    lines = [
-        "Centralized pruning of SmolLM2-135M; perplexity on the embedded test split (16 windows x 512 tokens);\n"
-        "32 calibration windows x 256 tokens, seed 0." + (f" Dense perplexity: {dense:.2f}." if dense else ""),
-        "",
-        "| method | 50% | 70% | 2:4 |",
-        "|---|---|---|---|",
-    ]
+# ---------------------------------------------------------------------------------------------- experiments
+
+
+def main_runs() -> list[Run]:
+    """Dense; centralized magnitude, Wanda, SparseGPT; the four federated strategies on IID and topic."""
+    runs = [dense_run()]
     for method in ("sparsegpt", "wanda", "magnitude"):
-        if method in rows:
-            cells = [f"{rows[method][s]:.2f}" if s in rows[method] else "-" for s in ("0.5", "0.7", "2:4")]
-            lines.append(f"| {method} | {' | '.join(cells)} |")
-    return "\n".join(lines) + "\n"
+        runs += [prune_run("centralized", t, clients=1, method=method) for t in TARGETS]
+    for partition in ("iid", "topic"):
+        for strategy in FEDERATED:
+            runs += [prune_run(strategy, t, partition=partition) for t in TARGETS]
+    return runs
 
 
-EXPERIMENTS = {"claims": claims_runs, "methods": methods_runs, "variants": variants_runs}
+def seeds_runs() -> list[Run]:
+    """FedSpaLLM against standalone at 70% and 80% over seeds 0, 1, 2, on both partitions."""
+    return [prune_run(strategy, t, partition=p, seed=seed) for seed in (0, 1, 2) for t in ("0.7", "0.8")
+            for p in ("iid", "topic") for strategy in ("fedspallm", "standalone")]
 
 
-def execute(run: Run) -> None:
-    if run.results() is not None:
+ABLATION = {
+    # variant: (description, extra arguments)
+    "": ("FedSpaLLM as the paper defines it: l0, expansion, systematic sampling (budget 0.5), dense base, 1 round", []),
+    "no-expansion": ("expansion off", ["--federation.expansion", "false"]),
+    "sampling-all": ("sampling all (every client prunes every block)", ["--federation.sampling", "all"]),
+    "sampling-uniform": ("sampling uniform (independent draws; uncovered blocks pruned by magnitude)",
+                         ["--federation.sampling", "uniform", "--federation.uncovered", "magnitude"]),
+    "dense-2rounds": ("client_base dense, 2 rounds (pooled)", ["--federation.rounds", "2"]),
+    "global-2rounds": ("client_base global, 2 rounds", ["--federation.rounds", "2", "--federation.client_base", "global"]),
+    "refit": ("+ a refit round under the global mask (freeze_mask_after 1; ours, not the paper's)",
+              ["--federation.rounds", "2", "--federation.freeze_mask_after", "1"]),
+    "refit-all": ("sampling all + refit round (ours)",
+                  ["--federation.sampling", "all", "--federation.rounds", "2", "--federation.freeze_mask_after", "1"]),
+}
+
+
+def ablation_runs() -> list[Run]:
+    """Each FedSpaLLM component switched off or swapped, at 70%, 4 clients, IID, seed 0."""
+    runs = [prune_run("fedspallm", variant=v, extra=extra, description=d) for v, (d, extra) in ABLATION.items()]
+    runs.insert(1, prune_run("fedavg", description="l0 off: plain averaging with zeros (fedavg), then expansion"))
+    return runs + [prune_run("standalone"), prune_run("centralized", clients=1)]
+
+
+CLIENT_COUNTS = (2, 4, 8, 16, 32)
+
+
+def clients_runs() -> list[Run]:
+    """2 to 32 clients sharing the same 32 windows (IID, 70%); standalone over a sample of 4 clients from 8 on."""
+    runs = []
+    for k in CLIENT_COUNTS:
+        sample = ["--federation.standalone_clients", "4"] if k > 4 else []
+        runs += [prune_run("fedspallm", clients=k), prune_run("standalone", clients=k, extra=sample),
+                 prune_run("fedspallm", clients=k, variant="refit", extra=ABLATION["refit"][1])]
+    return runs + [prune_run("centralized", clients=1)]
+
+
+def heterogeneity_runs() -> list[Run]:
+    """Uniform budgets (0.5 each) against a linear spread from 0.25 to 1.0, with 4 and 8 clients (IID, 70%)."""
+    runs = []
+    for k in (4, 8):
+        runs += [prune_run("fedspallm", clients=k),
+                 prune_run("fedspallm", clients=k, variant="linear", extra=["--federation.budgets", "linear"])]
+    return runs
+
+
+def communication_runs() -> list[Run]:
+    """Upload per client per round at 70% (IID, 4 clients): with and without sampling, mask_vote; dense upload."""
+    described = {"": "FedSpaLLM, sampling (budget 0.5: 15 of 30 blocks)",
+                 "sampling-all": "FedSpaLLM without sampling (all 30 blocks)",
+                 "refit": "FedSpaLLM + refit round (ours): round 1 / round 2"}
+    runs = [prune_run("fedspallm", variant=v, extra=ABLATION[v][1], description=d) for v, d in described.items()]
+    return runs + [prune_run("mask_vote", description="mask_vote (FedPrLLM): bitmask of all blocks")]
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def write_second_text() -> None:
+    """The Python language reference of this interpreter, as blank-line-separated paragraphs."""
+    if SECOND_TEXT.is_file():
         return
-    if run.args[:1] == ["validate"]:
-        command = [sys.executable, str(MAIN), "validate", "--eval.seqlen", "512", "--eval.max_windows", "16",
-                   "--runtime.progress", "false", "--output_dir", str(run.directory)]
-    else:
-        command = [sys.executable, str(MAIN), *COMMON, *run.args, "--output.dir", str(run.directory)]
+    from pydoc_data.topics import topics
+
+    SECOND_TEXT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = SECOND_TEXT.with_suffix(".tmp")
+    tmp.write_text("\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n", encoding="utf-8")
+    os.replace(tmp, SECOND_TEXT)
+
+
+def execute(run: Run) -> str | None:
+    """Run one process unless its results exist; returns an error text on failure."""
+    if run.results() is not None:
+        return None
+    out_flag = "--output_dir" if run.args[0] == "validate" else "--output.dir"
+    command = [sys.executable, str(MAIN), *run.args, out_flag, str(run.directory)]
     started = time.perf_counter()
-    print(f"[run] {run.name}", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
+    print(f"[run]  {run.name}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-        raise SystemExit(f"{run.name} failed:\n{tail}")
+        return f"{run.name} failed:\n" + "\n".join(result.stderr.strip().splitlines()[-5:])
     print(f"[done] {run.name} in {time.perf_counter() - started:.0f} s", flush=True)
+    return None
+
+
+def execute_all(runs: list[Run], workers: int) -> None:
+    write_second_text()
+    pending = list({run.name: run for run in runs if run.results() is None}.values())
+    print(f"{len(pending)} of {len(runs)} runs to do, {workers} at a time", flush=True)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        errors = [e for e in pool.map(execute, pending) if e]
+    print(f"{len(pending) - len(errors)} runs in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    if errors:
+        raise SystemExit("\n".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------- tables
 
 
 def ppl(results: dict, dataset: str = "default") -> float:
@@ -162,65 +224,285 @@ def ppl(results: dict, dataset: str = "default") -> float:
     return value["mean"] if isinstance(value, dict) else value
 
 
-def claims_table(runs: list[Run]) -> str:
-    cells: dict[tuple, dict[str, list[dict]]] = {}
+def cell(results: dict | None, dataset: str = "default") -> str:
+    if results is None:
+        return "-"
+    value = results["perplexity"][dataset]
+    if isinstance(value, dict):
+        return f"{value['mean']:.1f} [{value['min']:.1f}, {value['max']:.1f}]"
+    return f"{value:.1f}"
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def per_round_upload(results: dict) -> float:
+    """Mean bytes a client uploads per round (0 for runs that upload nothing)."""
+    sent = [b for row in results["bytes"]["upload_per_client_per_round"] for b in row]
+    return sum(sent) / len(sent) if sent else 0.0
+
+
+def settings_line() -> str:
+    s = SETTINGS
+    return (f"SmolLM2-135M-Instruct (fp32); {s['nsamples']} calibration windows x {s['seqlen']} tokens over all "
+            f"clients; perplexity on {s['eval_windows']} windows x {s['eval_seqlen']} tokens")
+
+
+def main_table(runs: list[Run]) -> str:
+    by_name = {run.name: run.results() for run in runs}
+    dense = by_name.get("dense")
+    lines = [f"{settings_line()}. Standalone: mean [min, max] over the 4 clients. Centralized runs see the union "
+             "of the IID clients' windows. Seed 0 everywhere (the `seed` column); `seeds.md` repeats the 70% and "
+             "80% FedSpaLLM/standalone cells over seeds 0-2.", ""]
+    for dataset in DATASETS:
+        lines += [f"**{DATASET_NAMES[dataset]}**" + (f" (dense: {ppl(dense, dataset):.2f})" if dense else ""), "",
+                  "| method | partition | seed | " + " | ".join(label(t) for t in TARGETS) + " |",
+                  "|---|---|---|" + "---|" * len(TARGETS)]
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            cells = [cell(by_name.get(prune_run("centralized", t, clients=1, method=method).name), dataset)
+                     for t in TARGETS]
+            lines.append(f"| {method} (centralized) | all data | 0 | " + " | ".join(cells) + " |")
+        for partition in ("iid", "topic"):
+            for strategy in FEDERATED:
+                cells = [cell(by_name.get(prune_run(strategy, t, partition=partition).name), dataset) for t in TARGETS]
+                name = {"mask_vote": "mask_vote (FedPrLLM, Wanda)"}.get(strategy, strategy)
+                lines.append(f"| {name} | {partition} | 0 | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def seeds_table(runs: list[Run]) -> str:
+    lines = [f"{settings_line()}; 4 clients; seeds 0, 1, 2. Mean ± standard deviation over seeds; "
+             "'wins' counts the seeds where FedSpaLLM's perplexity is below the standalone mean of that seed.", "",
+             "| dataset | sparsity | partition | FedSpaLLM | standalone mean | standalone min..max (all seeds) | wins |",
+             "|---|---|---|---|---|---|---|"]
+    for dataset in DATASETS:
+        for target in ("0.7", "0.8"):
+            for partition in ("iid", "topic"):
+                pairs = []
+                lows, highs = [], []
+                for seed in (0, 1, 2):
+                    fed = next((r.results() for r in runs if r.name == prune_run("fedspallm", target, partition=partition, seed=seed).name), None)
+                    alone = next((r.results() for r in runs if r.name == prune_run("standalone", target, partition=partition, seed=seed).name), None)
+                    if fed and alone:
+                        pairs.append((ppl(fed, dataset), ppl(alone, dataset)))
+                        lows.append(alone["perplexity"][dataset]["min"])
+                        highs.append(alone["perplexity"][dataset]["max"])
+                if not pairs:
+                    continue
+                wins = sum(f < a for f, a in pairs)
+                lines.append(f"| {DATASET_NAMES[dataset]} | {label(target)} | {partition} | "
+                             f"{spread([f for f, _ in pairs])} | {spread([a for _, a in pairs])} | "
+                             f"{min(lows):.1f}..{max(highs):.1f} | {wins}/{len(pairs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_table(runs: list[Run]) -> str:
+    lines = [f"{settings_line()}; 70%, 4 clients, IID, seed 0.", "",
+             "| variant | default | Python reference | achieved sparsity | upload / client / round | rounds |",
+             "|---|---|---|---|---|---|"]
     for run in runs:
         results = run.results()
         if results is None:
             continue
-        key = (run.tags["sparsity"], run.tags["clients"], run.tags["partition"])
-        cells.setdefault(key, {}).setdefault(run.tags["strategy"], []).append(results)
-    lines = [
-        "| sparsity | clients | partition | FedSpaLLM | standalone mean [min, max] | FedSpaLLM < standalone mean | "
-        "centralized | fedavg | mask_vote | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        description = run.tags.get("description") or {"standalone": "standalone (mean over clients)",
+                                                       "centralized": "centralized SparseGPT (all data)"}[run.tags["strategy"]]
+        upload = per_round_upload(results)
+        lines.append(f"| {description} | {cell(results, DATASETS[0])} | {cell(results, DATASETS[1])} | "
+                     f"{results['sparsity']['overall']:.4f} | {upload / 1e6:.1f} MB | {results.get('rounds', 1)} |")
+    return "\n".join(lines) + "\n"
 
-    def spread(values: list[float]) -> str:
-        if len(values) == 1:
-            return f"{values[0]:.1f}"
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
-    for key in sorted(cells):
-        by = cells[key]
-        fed = [ppl(r) for r in by.get("fedspallm", [])]
-        alone = [ppl(r) for r in by.get("standalone", [])]
-        lows = [r["perplexity"]["default"]["min"] for r in by.get("standalone", [])]
-        highs = [r["perplexity"]["default"]["max"] for r in by.get("standalone", [])]
-        seeds = sorted({r["seed"] for rs in by.values() for r in rs})
-        wins = sum(1 for f, a in zip(fed, alone) if f < a)
-        verdict = f"{wins}/{min(len(fed), len(alone))}" if fed and alone else "-"
-        others = [f"{ppl(by[s][0]):.1f}" if s in by else "-" for s in ("centralized", "fedavg", "mask_vote")]
-        lines.append(
-            f"| {key[0]:.0%} | {key[1]} | {key[2]} | {spread(fed) if fed else '-'} | "
-            f"{spread(alone) if alone else '-'} [{min(lows):.1f}, {max(highs):.1f}] | {verdict} | "
-            f"{' | '.join(others)} | {','.join(map(str, seeds))} |" if alone else
-            f"| {key[0]:.0%} | {key[1]} | {key[2]} | {spread(fed) if fed else '-'} | - | - | {' | '.join(others)} | "
-            f"{','.join(map(str, seeds))} |"
-        )
-    header = (
-        "Perplexity on the embedded test split (16 windows x 512 tokens), SmolLM2-135M pruned with SparseGPT;\n"
-        "32 calibration windows x 256 tokens over all clients; FedSpaLLM with budget 0.5 (15 of 30 blocks per\n"
-        "client), systematic sampling, l0 aggregation, expansion, 1 round. Mean ± std over seeds where several ran.\n\n"
-    )
-    return header + "\n".join(lines) + "\n"
+def clients_table(runs: list[Run]) -> str:
+    lines = [f"{settings_line()}; the same 32 windows split IID over K clients (32/K each); 70%; seed 0. "
+             "Standalone is the mean [min, max] over all clients for K <= 4 and over 4 clients drawn with the "
+             "seed for K >= 8.", "",
+             "| clients | windows / client | FedSpaLLM | FedSpaLLM + refit (ours) | standalone | centralized |",
+             "|---|---|---|---|---|---|"]
+    central = next((r.results() for r in runs if r.tags["strategy"] == "centralized"), None)
+    for k in CLIENT_COUNTS:
+        by = {(r.tags["strategy"], r.tags["variant"]): r.results() for r in runs if r.tags.get("clients") == k}
+        lines.append(f"| {k} | {SETTINGS['nsamples'] // k} | {cell(by.get(('fedspallm', '')))} | "
+                     f"{cell(by.get(('fedspallm', 'refit')))} | {cell(by.get(('standalone', '')))} | {cell(central)} |")
+    return "\n".join(lines) + "\n"
+
+
+def heterogeneity_table(runs: list[Run]) -> str:
+    lines = [f"{settings_line()}; 70%, IID, seed 0. Per client: budget r_i, blocks pruned k_i, local pruning time "
+             "(1 thread) and upload.", "",
+             "| clients | budgets | perplexity | per client: r / blocks / time / upload |", "|---|---|---|---|"]
+    for run in runs:
+        results = run.results()
+        if results is None:
+            continue
+        per_client = []
+        for c, (r, k) in enumerate(zip(results["budgets"], results["blocks_per_client"])):
+            seconds = results["client_seconds_per_round"][0][c]
+            sent = results["bytes"]["upload_per_client_per_round"][0][c]
+            per_client.append(f"{r:.2f} / {k} / {seconds:.0f} s / {sent / 1e6:.0f} MB")
+        kind = "linear 0.25..1.0" if run.tags["variant"] == "linear" else "uniform 0.5"
+        lines.append(f"| {run.tags['clients']} | {kind} | {cell(results)} | {'; '.join(per_client)} |")
+    return "\n".join(lines) + "\n"
+
+
+def communication_table(runs: list[Run]) -> str:
+    rows = []
+    dense = None
+    for run in runs:
+        results = run.results()
+        if results is None:
+            continue
+        dense = results["bytes"]["dense_model"]
+        name = run.tags["description"]
+        per_round = [sum(row) / len(row) for row in results["bytes"]["upload_per_client_per_round"]]
+        shown = " / ".join(f"{b / 1e6:.1f} MB" for b in per_round)
+        ratio = " / ".join(f"{b / dense:.3f}" for b in per_round)
+        rows.append(f"| {name} | {shown} | {ratio} | {cell(results)} |")
+    lines = ["Bytes one client uploads per round (bitmask + fp32 kept values; values only when the server knows the "
+             "mask; bitmask only for mask_vote), against a dense fp32 upload of the whole model "
+             f"({dense / 1e6:.1f} MB); 70%, 4 clients, IID, seed 0." if dense else "", "",
+             "| upload | per client per round | / dense model | perplexity (default) |", "|---|---|---|---|",
+             *rows]
+    if dense:
+        lines.append(f"| dense full-model upload | {dense / 1e6:.1f} MB | 1.000 | - |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _save(figure, name: str) -> Path:
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    path = PLOTS / name
+    tmp = path.with_name(f".{name}.tmp.png")
+    figure.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_main(runs: list[Run]) -> list[Path]:
+    plt = _pyplot()
+    by_name = {run.name: run.results() for run in runs}
+    unstructured = [t for t in TARGETS if ":" not in t]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, partition in zip(axes, ("iid", "topic")):
+        lines = [(f"{m} (centralized)", [prune_run("centralized", t, clients=1, method=m).name for t in unstructured])
+                 for m in ("magnitude", "wanda", "sparsegpt")]
+        lines += [(s, [prune_run(s, t, partition=partition).name for t in unstructured]) for s in FEDERATED]
+        for name, names in lines:
+            points = [(float(t), ppl(by_name[n])) for t, n in zip(unstructured, names) if by_name.get(n)]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=name, linestyle="--" if "centralized" in name else "-")
+        if by_name.get("dense"):
+            axis.axhline(ppl(by_name["dense"]), color="grey", linestyle=":", label="dense")
+        axis.set_yscale("log")
+        axis.set_xlabel("sparsity")
+        axis.set_title(f"{partition} partition, 4 clients")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("perplexity (embedded test split)")
+    axes[1].legend(fontsize=8)
+    return [_save(figure, "experiment_perplexity_vs_sparsity.png")]
+
+
+def plot_clients(runs: list[Run]) -> list[Path]:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for (strategy, variant), name in ((("fedspallm", ""), "FedSpaLLM"), (("fedspallm", "refit"), "FedSpaLLM + refit (ours)"),
+                                      (("standalone", ""), "standalone (mean, min..max)")):
+        points = [(r.tags["clients"], r.results()) for r in runs
+                  if r.tags["strategy"] == strategy and r.tags["variant"] == variant and r.results()]
+        if not points:
+            continue
+        xs = [k for k, _ in points]
+        ys = [ppl(res) for _, res in points]
+        if strategy == "standalone":
+            low = [y - res["perplexity"]["default"]["min"] for y, (_, res) in zip(ys, points)]
+            high = [res["perplexity"]["default"]["max"] - y for y, (_, res) in zip(ys, points)]
+            axis.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=name)
+        else:
+            axis.plot(xs, ys, marker="o", label=name)
+    central = next((r.results() for r in runs if r.tags["strategy"] == "centralized" and r.results()), None)
+    if central:
+        axis.axhline(ppl(central), color="grey", linestyle="--", label="centralized SparseGPT")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("clients (32 windows in all)")
+    axis.set_ylabel("perplexity at 70% (embedded test split)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    return [_save(figure, "experiment_perplexity_vs_clients.png")]
+
+
+def plot_bytes(runs: list[Run]) -> list[Path]:
+    """Perplexity against upload: the communication runs and every ablation variant that uploads."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    runs = list({run.name: run for run in ablation_runs() + runs}.values())
+    for run in runs:
+        results = run.results()
+        if results is None or run.tags["strategy"] in ("standalone", "centralized"):
+            continue
+        total = sum(sum(row) / len(row) for row in results["bytes"]["upload_per_client_per_round"])
+        name = run.tags.get("description") or run.tags["strategy"]
+        axis.scatter([total / 1e6], [ppl(results)])
+        axis.annotate(name.split(":")[0][:38], (total / 1e6, ppl(results)), fontsize=7, xytext=(4, 2),
+                      textcoords="offset points")
+    axis.set_xlabel("upload per client over all rounds (MB)")
+    axis.set_ylabel("perplexity at 70% (embedded test split)")
+    axis.set_yscale("log")
+    axis.grid(True, which="both", alpha=0.3)
+    return [_save(figure, "experiment_perplexity_vs_bytes.png")]
+
+
+EXPERIMENTS = {
+    "main": (main_runs, main_table, plot_main),
+    "seeds": (seeds_runs, seeds_table, None),
+    "ablation": (ablation_runs, ablation_table, None),
+    "clients": (clients_runs, clients_table, plot_clients),
+    "heterogeneity": (heterogeneity_runs, heterogeneity_table, None),
+    "communication": (communication_runs, communication_table, plot_bytes),
+}
+
+
+def report(experiment: str) -> None:
+    make_runs, make_table, make_plot = EXPERIMENTS[experiment]
+    runs = make_runs()
+    TABLES.mkdir(parents=True, exist_ok=True)
+    table = make_table(runs)
+    tmp = TABLES / f".{experiment}.md.tmp"
+    tmp.write_text(table, encoding="utf-8")
+    os.replace(tmp, TABLES / f"{experiment}.md")
+    print(table)
+    if make_plot is not None:
+        for path in make_plot(runs):
+            print(f"plot: {path.relative_to(REPO)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--table", action="store_true", help="only rebuild the table")
+    parser.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    parser.add_argument("--table", action="store_true", help="only rebuild tables and plots from existing results")
+    parser.add_argument("--workers", type=int, default=2, help="runs at once (each on one thread)")
     args = parser.parse_args()
-    runs = EXPERIMENTS[args.experiment](args.seeds)
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     if not args.table:
-        for run in runs:
-            execute(run)
-    TABLES.mkdir(parents=True, exist_ok=True)
-    writers = {"claims": claims_table, "methods": methods_table, "variants": variants_table}
-    table = writers[args.experiment](runs)
-    (TABLES / f"{args.experiment}.md").write_text(table)
-    print(table)
+        execute_all([run for name in names for run in EXPERIMENTS[name][0]()], args.workers)
+    for name in names:
+        report(name)
 
 
 if __name__ == "__main__":
