@@ -12,13 +12,13 @@ import fedspallm  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torc
 
 import argparse
 import os
-import platform
-import resource
 import time
 from contextlib import contextmanager
 from collections.abc import Iterator
 
 import torch
+
+from fedspallm.runtime import peak_rss_bytes, reset_peak_rss  # noqa: F401  (re-exported to the benchmarks)
 
 MB = 2**20  # the benchmarks print MB in units of 2**20 bytes
 
@@ -102,27 +102,12 @@ def footer(started: float, load_before: float) -> str:
 # read without the phases before it (model loading, for example).
 
 
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
-
-
 def current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return peak_rss_bytes()
-
-
-def reset_peak_rss() -> bool:
-    """Reset the high-water mark to the current RSS; False where the OS can't (the peak then covers the whole process)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def main() -> None:

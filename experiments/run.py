@@ -5,8 +5,8 @@
     python experiments/run.py seeds | ablation | clients | heterogeneity | communication | all
     python experiments/run.py main --workers 1 # one run at a time (default: 2, one thread each)
 
-Every run is one ``fedspallm`` process (``fedspallm/main.py prune ...`` or ``validate``) that writes
-``experiments/out/<run>/version_0/results.json``. A run whose results.json exists is not run again, so
+Every run is one ``fedspallm prune ...`` (or ``validate``) command, run in one of the worker processes,
+that writes ``experiments/out/<run>/version_0/results.json`` (its console output: ``run.log`` beside it). A run whose results.json exists is not run again, so
 an interrupted experiment resumes where it stopped, and experiments share runs (the ablation's
 baseline is the main experiment's FedSpaLLM run). Tables go to ``experiments/results/<experiment>.md``
 and plots to ``docs/plots/``, from those results.json files only.
@@ -26,11 +26,10 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,6 @@ REPO = ROOT.parent
 OUT = ROOT / "out"
 TABLES = ROOT / "results"
 PLOTS = REPO / "docs" / "plots"
-MAIN = REPO / "fedspallm" / "main.py"
 SECOND_TEXT = ROOT / "data" / "python-reference.txt"
 DATASETS = ("default", "experiments/data/python-reference.txt")
 DATASET_NAMES = {"default": "embedded test split", "experiments/data/python-reference.txt": "Python reference"}
@@ -188,29 +186,58 @@ def write_second_text() -> None:
     os.replace(tmp, SECOND_TEXT)
 
 
-def execute(run: Run) -> str | None:
-    """Run one process unless its results exist; returns an error text on failure."""
-    if run.results() is not None:
-        return None
-    out_flag = "--output_dir" if run.args[0] == "validate" else "--output.dir"
-    command = [sys.executable, str(MAIN), *run.args, out_flag, str(run.directory)]
+def execute(job: tuple[str, list[str], str]) -> str | None:
+    """One run, in this worker process (imports are paid once per worker); returns an error text on failure.
+
+    The run's own output goes to ``<run dir>/run.log``. The memory high-water mark is reset first, so
+    each results.json's ``peak_rss_bytes`` is that run's own peak (Linux).
+    """
+    import contextlib
+
+    from fedspallm.cli import run as fedspallm_run
+    from fedspallm.runtime import reset_peak_rss
+
+    name, args, directory = job
+    out_flag = "--output_dir" if args[0] == "validate" else "--output.dir"
+    shutil.rmtree(directory, ignore_errors=True)  # what an interrupted attempt left; results.json was missing
+    Path(directory).mkdir(parents=True)
     started = time.perf_counter()
-    print(f"[run]  {run.name}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
-    if result.returncode != 0:
-        return f"{run.name} failed:\n" + "\n".join(result.stderr.strip().splitlines()[-5:])
-    print(f"[done] {run.name} in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"[run]  {name}", flush=True)
+    reset_peak_rss()
+    with open(Path(directory) / "run.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            fedspallm_run([*args, out_flag, directory])
+        except SystemExit as stop:
+            if stop.code:
+                return f"{name} failed (exit {stop.code}); see {Path(directory) / 'run.log'}"
+        except Exception as err:  # noqa: BLE001 - report every failure, go on with the other runs
+            import traceback
+
+            traceback.print_exc()
+            return f"{name} failed: {type(err).__name__}: {err}"
+    print(f"[done] {name} in {time.perf_counter() - started:.0f} s", flush=True)
     return None
 
 
+def _worker_init() -> None:
+    os.chdir(REPO)  # runs name the second text by its path relative to the repository
+
+
 def execute_all(runs: list[Run], workers: int) -> None:
+    """Every run whose results are missing, ``workers`` at a time, each worker one process on one thread."""
+    import multiprocessing
+
     write_second_text()
     pending = list({run.name: run for run in runs if run.results() is None}.values())
     print(f"{len(pending)} of {len(runs)} runs to do, {workers} at a time", flush=True)
+    if not pending:
+        return
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        errors = [e for e in pool.map(execute, pending) if e]
+    os.environ["OMP_NUM_THREADS"] = "1"  # the workers inherit it; --runtime.threads 1 sets torch's own count
+    jobs = [(run.name, run.args, str(run.directory)) for run in pending]
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with context.Pool(workers, initializer=_worker_init, maxtasksperchild=16) as pool:
+        errors = [e for e in pool.imap_unordered(execute, jobs) if e]
     print(f"{len(pending) - len(errors)} runs in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     if errors:
         raise SystemExit("\n".join(errors))

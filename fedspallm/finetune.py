@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import platform
-import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -61,7 +59,7 @@ from fedspallm.models import context_length, load_model, prunable_modules
 from fedspallm.outputs import atomic_write_json, export_hf, sparsity_report
 from fedspallm.preflight import same_on_every_rank
 from fedspallm.reporting import RunReporter
-from fedspallm.runtime import make_fabric, quiet_libraries
+from fedspallm.runtime import make_fabric, peak_rss_bytes, quiet_libraries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,10 +254,6 @@ def _restore(net: nn.Module, state: Mapping[str, torch.Tensor] | None, model_cfg
     for name, p in _trainable(net):
         p.copy_(state[name])
 
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
 
 
 def weights_digest(net: nn.Module) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import platform
 import random
-import resource
 import time
 from dataclasses import asdict
 from typing import Any
@@ -40,7 +38,7 @@ from fedspallm.outputs import (
 )
 from fedspallm.preflight import check_lengths, preflight, same_on_every_rank, validate_config
 from fedspallm.reporting import RunReporter
-from fedspallm.runtime import make_fabric, quiet_libraries
+from fedspallm.runtime import make_fabric, peak_rss_bytes, quiet_libraries
 
 
 def validate_all(model: ModelConfig, data: DataConfig, eval: EvalConfig, pruning: PruningConfig,
@@ -48,10 +46,6 @@ def validate_all(model: ModelConfig, data: DataConfig, eval: EvalConfig, pruning
     """Every config value and the rules between them (no files opened); see :mod:`fedspallm.preflight`."""
     validate_config(model, data, eval, pruning, federation, output, runtime)
 
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
 
 
 def evaluate_all(fabric: Fabric | None, module: CausalLMModule, sets: dict[str, torch.Tensor], batch_size: int,

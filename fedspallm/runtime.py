@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import resource
 import warnings
 from datetime import timedelta
 
@@ -58,3 +60,26 @@ def make_fabric(runtime: RuntimeConfig, collective_timeout_s: float = 600.0, log
 
 def rank_zero_progress(fabric: Fabric, enabled: bool) -> bool:
     return enabled and fabric.global_rank == 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (since the last :func:`reset_peak_rss`, where the OS supports it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak to the current RSS (Linux); False where the OS can't, and the peak then covers the process."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
