@@ -61,7 +61,7 @@ def _dump(sub: ArgumentParser, cfg: Namespace) -> str:
     cfg = cfg.clone()
     if "config" in cfg:
         del cfg["config"]
-    return sub.dump(cfg, skip_none=False)
+    return sub.dump(cfg, skip_unset=False)
 
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
@@ -153,7 +153,7 @@ def run(argv: list[str] | None = None) -> Any:
         name = cfg.subcommand
         sub_cfg = cfg[name]
         config_yaml = _dump(subparsers[name], sub_cfg)
-        init = subparsers[name].instantiate_classes(sub_cfg)
+        init = subparsers[name].instantiate(sub_cfg)
         kwargs = {k: v for k, v in init.items() if k != "config"}
         if "config_yaml" in functions[name].__code__.co_varnames:
             kwargs["config_yaml"] = config_yaml

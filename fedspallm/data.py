@@ -191,7 +191,10 @@ _HUB_SOURCES: dict[tuple[str, str], tuple[tuple[Any, ...], dict[str, Any], str]]
 @lru_cache(maxsize=6)
 def _hub_column(name: str, split: str) -> Sequence[str]:
     """The text column of a hub dataset, as a lazily indexable sequence (arrow-backed)."""
+    from fedspallm.hub import hub_reachable
+
     args, kwargs, column = _HUB_SOURCES[(name, split)]
+    hub_reachable()  # an unreachable hub: the local cache at once instead of retries
     try:
         import datasets
 

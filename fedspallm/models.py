@@ -121,8 +121,11 @@ class LoadedModel:
 
 
 def _hub_error(name: str, err: Exception) -> UserError:
+    from fedspallm.hub import hub_reachable
+
+    where = "" if hub_reachable() else ", which is unreachable from here and not in the local cache"
     return UserError(
-        f"could not load {name!r} from the Hugging Face hub ({type(err).__name__}); without hub access, "
+        f"could not load {name!r} from the Hugging Face hub{where} ({type(err).__name__}); without hub access, "
         "download the model elsewhere and pass its local directory or .gguf file as --model.name_or_path"
     )
 
@@ -132,6 +135,10 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, revision: str | None = None,
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if not Path(path_or_id).exists():
+        from fedspallm.hub import hub_reachable
+
+        hub_reachable()  # an unreachable hub: resolve from the local cache at once instead of retrying
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:

@@ -38,7 +38,7 @@ def _print_config(argv: list[str], capsys) -> str:
 def _resolved(path: Path) -> dict:
     parser, subparsers, _ = build_parser()
     cfg = parser.parse_args(["prune", "--config", str(path)])
-    return subparsers["prune"].instantiate_classes(cfg["prune"])
+    return subparsers["prune"].instantiate(cfg["prune"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,3 +202,25 @@ def test_fedprllm_demo_and_ablation_configs(capsys):
     assert {"aggregation", "expansion", "sampling", "client_base"} <= set(raw["federation"])
     assert _print_config(["prune", "--config", str(REPO / "configs" / "ablation.yaml")], capsys) == \
         _print_config(["prune", "--config", str(REPO / "configs" / "default.yaml")], capsys)
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path):
+    # A closed local port stands in for a hub with no route: the probe sees it, and transformers goes
+    # straight to the (empty) local cache instead of retrying for half a minute.
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    env = {**__import__("os").environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}",
+           "HF_HOME": str(tmp_path / "hf-home")}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "fedspallm.cli", "validate", "--model.name_or_path", "nobody/no-model",
+                             "--runtime.progress", "false"], capture_output=True, text=True, env=env, timeout=300)
+    elapsed = time.monotonic() - started
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines == [lines[-1]] and lines[-1].startswith("error: could not load 'nobody/no-model'"), lines
+    assert "unreachable" in lines[-1] and "local directory" in lines[-1]
+    assert elapsed < 120, elapsed
