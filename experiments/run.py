@@ -51,7 +51,8 @@ EVAL = ["--eval.seqlen", str(SETTINGS["eval_seqlen"]), "--eval.max_windows", str
         "--eval.datasets", "[" + ", ".join(DATASETS) + "]"]
 NO_EXPORT = ["--output.save_model", "false", "--output.save_compressed", "false", "--output.checkpoint", "false"]
 TARGETS = ("0.5", "0.6", "0.7", "0.8", "2:4")
-FEDERATED = ("fedspallm", "fedavg", "mask_vote", "standalone")
+FEDERATED = ("fedspallm", "fedavg", "mask_vote", "standalone")  # fedavg: the paired aggregate of the fedspallm run
+RUN_COST = {"standalone": 4, "fedspallm": 2, "mask_vote": 1.5, "centralized": 1.5, "dense": 0.5}  # for the order
 
 
 @dataclass
@@ -83,6 +84,9 @@ def prune_run(strategy: str, target: str = "0.7", clients: int = 4, partition: s
     if strategy == "mask_vote":
         method = "wanda"  # FedPrLLM's clients run Wanda and send masks for every block
         extra = ["--federation.sampling", "all", *(extra or [])]
+    if strategy == "fedspallm" and not variant:
+        # The same uploads also aggregated by plain averaging: fedavg's model, without a second run.
+        extra = ["--federation.paired_aggregation", "fedavg", *(extra or [])]
     name = f"{strategy}-{method}-{target.replace(':', 'of')}-k{clients}-{partition}-seed{seed}"
     name += f"-{variant}" if variant else ""
     args = ["prune", *COMMON, *EVAL, *NO_EXPORT, "--seed", str(seed), "--federation.strategy", strategy,
@@ -106,9 +110,23 @@ def main_runs() -> list[Run]:
     for method in ("sparsegpt", "wanda", "magnitude"):
         runs += [prune_run("centralized", t, clients=1, method=method) for t in TARGETS]
     for partition in ("iid", "topic"):
-        for strategy in FEDERATED:
+        for strategy in ("fedspallm", "mask_vote", "standalone"):
             runs += [prune_run(strategy, t, partition=partition) for t in TARGETS]
     return runs
+
+
+def federated_results(strategy: str, target: str, partition: str = "iid", seed: int = 0,
+                      by_name: dict[str, dict | None] | None = None) -> dict | None:
+    """The results of a federated cell; fedavg's come from the fedspallm run's paired aggregate."""
+    run = prune_run("fedspallm" if strategy == "fedavg" else strategy, target, partition=partition, seed=seed)
+    results = by_name.get(run.name) if by_name is not None else run.results()
+    if strategy != "fedavg" or results is None:
+        return results
+    paired = results.get("paired")
+    if paired is None:
+        return None
+    return {**results, "strategy": "fedavg", "perplexity": paired["perplexity"],
+            "sparsity": {**results["sparsity"], "overall": paired["sparsity_overall"]}}
 
 
 def seeds_runs() -> list[Run]:
@@ -135,9 +153,8 @@ ABLATION = {
 
 def ablation_runs() -> list[Run]:
     """Each FedSpaLLM component switched off or swapped, at 70%, 4 clients, IID, seed 0."""
-    runs = [prune_run("fedspallm", variant=v, extra=extra, description=d) for v, (d, extra) in ABLATION.items()]
-    runs.insert(1, prune_run("fedavg", description="l0 off: plain averaging with zeros (fedavg), then expansion"))
-    return runs + [prune_run("standalone"), prune_run("centralized", clients=1)]
+    return [prune_run("fedspallm", variant=v, extra=extra, description=d) for v, (d, extra) in ABLATION.items()] + [
+        prune_run("standalone"), prune_run("centralized", clients=1)]
 
 
 CLIENT_COUNTS = (2, 4, 8, 16, 32)
@@ -229,6 +246,8 @@ def execute_all(runs: list[Run], workers: int) -> None:
 
     write_second_text()
     pending = list({run.name: run for run in runs if run.results() is None}.values())
+    # The longest first, so that the two workers finish together.
+    pending.sort(key=lambda run: -RUN_COST.get(str(run.tags.get("strategy")), 1) * int(run.tags.get("clients", 1)) ** 0.5)
     print(f"{len(pending)} of {len(runs)} runs to do, {workers} at a time", flush=True)
     if not pending:
         return
@@ -283,9 +302,11 @@ def settings_line() -> str:
 def main_table(runs: list[Run]) -> str:
     by_name = {run.name: run.results() for run in runs}
     dense = by_name.get("dense")
-    lines = [f"{settings_line()}. Standalone: mean [min, max] over the 4 clients. Centralized runs see the union "
-             "of the IID clients' windows. Seed 0 everywhere (the `seed` column); `seeds.md` repeats the 70% and "
-             "80% FedSpaLLM/standalone cells over seeds 0-2.", ""]
+    lines = [f"{settings_line()}. Standalone: mean [min, max] over the 4 clients. fedavg: the FedSpaLLM run's "
+             "client uploads aggregated by plain averaging instead (`federation.paired_aggregation`), so the two "
+             "rows differ only in the aggregation rule. Centralized runs see the union of the IID clients' windows. "
+             "Seed 0 everywhere (the `seed` column); `seeds.md` repeats the 70% and 80% FedSpaLLM/standalone cells "
+             "over seeds 0-2.", ""]
     for dataset in DATASETS:
         lines += [f"**{DATASET_NAMES[dataset]}**" + (f" (dense: {ppl(dense, dataset):.2f})" if dense else ""), "",
                   "| method | partition | seed | " + " | ".join(label(t) for t in TARGETS) + " |",
@@ -296,7 +317,7 @@ def main_table(runs: list[Run]) -> str:
             lines.append(f"| {method} (centralized) | all data | 0 | " + " | ".join(cells) + " |")
         for partition in ("iid", "topic"):
             for strategy in FEDERATED:
-                cells = [cell(by_name.get(prune_run(strategy, t, partition=partition).name), dataset) for t in TARGETS]
+                cells = [cell(federated_results(strategy, t, partition, by_name=by_name), dataset) for t in TARGETS]
                 name = {"mask_vote": "mask_vote (FedPrLLM, Wanda)"}.get(strategy, strategy)
                 lines.append(f"| {name} | {partition} | 0 | " + " | ".join(cells) + " |")
         lines.append("")
@@ -333,12 +354,18 @@ def ablation_table(runs: list[Run]) -> str:
     lines = [f"{settings_line()}; 70%, 4 clients, IID, seed 0.", "",
              "| variant | default | Python reference | achieved sparsity | upload / client / round | rounds |",
              "|---|---|---|---|---|---|"]
+    rows = []
     for run in runs:
         results = run.results()
-        if results is None:
-            continue
         description = run.tags.get("description") or {"standalone": "standalone (mean over clients)",
                                                        "centralized": "centralized SparseGPT (all data)"}[run.tags["strategy"]]
+        rows.append((description, results))
+        if run.tags["strategy"] == "fedspallm" and not run.tags["variant"]:
+            rows.append(("l0 off: the same uploads averaged with zeros (fedavg), then expansion",
+                         federated_results("fedavg", "0.7")))
+    for description, results in rows:
+        if results is None:
+            continue
         upload = per_round_upload(results)
         lines.append(f"| {description} | {cell(results, DATASETS[0])} | {cell(results, DATASETS[1])} | "
                      f"{results['sparsity']['overall']:.4f} | {upload / 1e6:.1f} MB | {results.get('rounds', 1)} |")
@@ -429,9 +456,11 @@ def plot_main(runs: list[Run]) -> list[Path]:
     for axis, partition in zip(axes, ("iid", "topic")):
         lines = [(f"{m} (centralized)", [prune_run("centralized", t, clients=1, method=m).name for t in unstructured])
                  for m in ("magnitude", "wanda", "sparsegpt")]
-        lines += [(s, [prune_run(s, t, partition=partition).name for t in unstructured]) for s in FEDERATED]
-        for name, names in lines:
-            points = [(float(t), ppl(by_name[n])) for t, n in zip(unstructured, names) if by_name.get(n)]
+        series = [(name, [(float(t), by_name.get(n)) for t, n in zip(unstructured, names)]) for name, names in lines]
+        series += [(s, [(float(t), federated_results(s, t, partition, by_name=by_name)) for t in unstructured])
+                   for s in FEDERATED]
+        for name, cells in series:
+            points = [(x, ppl(results)) for x, results in cells if results]
             if points:
                 axis.plot(*zip(*points), marker="o", label=name, linestyle="--" if "centralized" in name else "-")
         if by_name.get("dense"):

@@ -215,10 +215,12 @@ def prune_sequential(
     if offload:
         blocks.to("cpu")
         _move_all_but_blocks(model, blocks, device)
-    batches = capture_block_inputs(model, windows, batch_size, device)
+    needs_data = spec.method != "magnitude"
+    # Magnitude pruning reads no inputs: unless the caller wants the outputs, nothing runs forward at all.
+    propagate = needs_data or on_block_output is not None
+    batches = capture_block_inputs(model, windows, batch_size, device) if propagate else []
     hidden = [h for h, _ in batches]
     kwargs = [k for _, k in batches]
-    needs_data = spec.method != "magnitude"
     last_selected = selected[-1] if selected else -1
 
     for index, block in enumerate(blocks):
@@ -246,8 +248,9 @@ def prune_sequential(
             result.stats.layers_pruned += 1
         if layers:
             result.stats.blocks_pruned += 1
-        hidden = [_first_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
-        result.stats.forward_passes += len(hidden)
+        if propagate:
+            hidden = [_first_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            result.stats.forward_passes += len(hidden)
         for name, layer in layers.items():
             if restore_dense:
                 layer.weight.copy_(original[name])

@@ -139,6 +139,11 @@ class FederationConfig:
             Clients then disagree only on values, not on which weights exist. Not for mask_vote.
         uncovered: what to do with blocks no client pruned: error, magnitude (server prunes them by
             magnitude) or dense (left dense; the shortfall is reported).
+        paired_aggregation: null, l0 or fedavg: also aggregate the same client uploads with this rule
+            and evaluate that model too (results.json ``paired``): a comparison of aggregation rules on
+            identical client work, at no extra client cost. The exported model is the primary one.
+            Needs a round-based strategy whose clients' work does not depend on the aggregate:
+            fedspallm or fedavg, client_base dense (or 1 round) and no refit rounds.
         standalone_clients: standalone only: prune and evaluate this many clients, drawn with the
             seed, instead of all K (their mean, min and max are reported). With many clients each
             standalone model costs a whole prune and evaluation; null evaluates every client.
@@ -169,6 +174,7 @@ class FederationConfig:
     client_base: Literal["dense", "global"] = "dense"
     freeze_mask_after: Optional[int] = None
     uncovered: Literal["error", "magnitude", "dense"] = "error"
+    paired_aggregation: Optional[Literal["l0", "fedavg"]] = None
     standalone_clients: Optional[int] = None
     collective_timeout_s: float = 600.0
     on_client_failure: Literal["stop"] = "stop"
@@ -301,6 +307,17 @@ def validate_federation(cfg: FederationConfig, data: DataConfig) -> None:
     if cfg.standalone_clients is not None and not 1 <= cfg.standalone_clients <= cfg.num_clients:
         raise UserError(f"federation.standalone_clients={cfg.standalone_clients}: must be null or in "
                         f"1..{cfg.num_clients} (federation.num_clients)")
+    if cfg.paired_aggregation is not None:
+        primary = "fedavg" if cfg.strategy == "fedavg" else cfg.aggregation
+        if cfg.strategy not in ("fedspallm", "fedavg"):
+            raise UserError(f"federation.paired_aggregation={cfg.paired_aggregation}: needs strategy fedspallm or "
+                            f"fedavg, not {cfg.strategy}")
+        if cfg.paired_aggregation == primary:
+            raise UserError(f"federation.paired_aggregation={cfg.paired_aggregation}: the run already aggregates "
+                            f"with {primary}; pair it with the other rule")
+        if (cfg.client_base == "global" and cfg.rounds > 1) or cfg.freeze_mask_after is not None:
+            raise UserError(f"federation.paired_aggregation={cfg.paired_aggregation}: with client_base global or "
+                            "refit rounds the clients' work depends on the aggregate; run the rules separately")
     if cfg.freeze_mask_after is not None:
         if not 1 <= cfg.freeze_mask_after < cfg.rounds:
             raise UserError(f"federation.freeze_mask_after={cfg.freeze_mask_after}: must be null or in "

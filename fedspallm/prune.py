@@ -24,9 +24,9 @@ from fedspallm.config import (
 from fedspallm.data import eval_windows, plan_calibration
 from fedspallm.errors import UserError
 from fedspallm.federated.faults import RoundWatch
-from fedspallm.federated.rounds import FederationOutcome, clients_of_rank, plan_rounds, run_federation
+from fedspallm.federated.rounds import FederationOutcome, clients_of_rank, paired_weights, plan_rounds, run_federation
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
-from fedspallm.models import find_decoder_blocks, load_model, prunable_modules
+from fedspallm.models import find_decoder_blocks, get_weight, load_model, prunable_modules, set_weight
 from fedspallm.outputs import (
     atomic_write_json,
     dense_zero_count,
@@ -184,6 +184,9 @@ def prune(
         prune_s = time.perf_counter() - prune_started
         eval_started = time.perf_counter()
         perplexity = evaluate_all(fabric, module, eval_sets, eval.batch_size, runtime.progress)
+        if federation.paired_aggregation is not None:
+            extra["paired"] = _evaluate_paired(fabric, net, module, eval_sets, eval.batch_size, outcome, federation,
+                                               spec)
         eval_s = time.perf_counter() - eval_started
         reporter.log_metrics({f"perplexity/{k}": v for k, v in perplexity.items()}, step=federation.rounds - 1)
 
@@ -237,6 +240,26 @@ def prune(
         reporter.close()
     fabric.barrier()
     return results
+
+
+def _evaluate_paired(fabric: Fabric, net: torch.nn.Module, module: CausalLMModule, eval_sets: dict[str, torch.Tensor],
+                     batch_size: int, outcome: FederationOutcome, federation: FederationConfig,
+                     spec: PruneSpec) -> dict[str, Any]:
+    """Perplexity and sparsity of the model the other aggregation rule makes of the same uploads; the model
+    is left as it was (the primary aggregate is what gets exported)."""
+    method = federation.paired_aggregation
+    layers = prunable_modules(net)
+    alternative = paired_weights(outcome, federation, spec, method, next(net.parameters()).dtype)
+    primary = {name: get_weight(layers[name]).detach().clone() for name in alternative}
+    for name, weight in alternative.items():
+        set_weight(layers[name], weight)
+    try:
+        perplexity = evaluate_all(fabric, module, eval_sets, batch_size, progress=False)
+        overall = sparsity_report(net, spec.sparsity)["overall"]
+    finally:
+        for name, weight in primary.items():
+            set_weight(layers[name], weight)
+    return {"aggregation": method, "perplexity": perplexity, "sparsity_overall": overall}
 
 
 def standalone_clients(num_clients: int, sample: int | None, seed: int) -> list[int]:

@@ -127,3 +127,14 @@ def test_nan_in_weights_names_the_layer():
         find_prunable_layers(find_decoder_blocks(model)[0])["mlp.up_proj"].weight[0, 0] = float("nan")
     with pytest.raises(UserError, match=r"layers\.0\.mlp\.up_proj"):
         prune_sequential(model, random_windows(), PruneSpec("wanda", 0.5))
+
+
+def test_magnitude_pruning_runs_no_forward_pass_and_is_per_matrix_magnitude():
+    from fedspallm.pruners import magnitude_prune
+
+    model = make_tiny_model("llama")
+    dense = {name: get_weight(layer).detach().clone() for name, layer in prunable_modules(model).items()}
+    result = prune_sequential(model, random_windows(n=4), PruneSpec("magnitude", 0.6), batch_size=4)
+    assert result.stats.forward_passes == 0
+    for name, weight in dense.items():
+        assert torch.equal(result.pruned[name].weight, magnitude_prune(weight, 0.6).weight), name

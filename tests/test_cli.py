@@ -224,3 +224,20 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path):
     assert lines == [lines[-1]] and lines[-1].startswith("error: could not load 'nobody/no-model'"), lines
     assert "unreachable" in lines[-1] and "local directory" in lines[-1]
     assert elapsed < 120, elapsed
+
+
+def test_paired_aggregation_equals_a_separate_run_of_the_other_rule(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    base = ["prune", *_tiny_args(tiny_model_dir, str(tmp_path / "runs")), "--runtime.threads", "1"]
+    paired = cli_run([*base, "--federation.paired_aggregation", "fedavg"])
+    alone = cli_run(base)
+    plain = cli_run([*base, "--federation.strategy", "fedavg"])
+    # The paired model is the other rule on the same uploads: a separate fedavg run, to the last digit.
+    assert paired["paired"]["aggregation"] == "fedavg"
+    assert paired["paired"]["perplexity"] == plain["perplexity"]
+    assert paired["paired"]["sparsity_overall"] == plain["sparsity"]["overall"]
+    # The primary (exported) model is the one the run would give without pairing.
+    assert paired["perplexity"] == alone["perplexity"] != plain["perplexity"]
+    first, second = (load_file(Path(r["model_dir"]) / "model.safetensors") for r in (paired, alone))
+    assert all(torch.equal(first[key], second[key]) for key in first)

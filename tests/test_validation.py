@@ -132,6 +132,10 @@ CASES = [
      ["federation.freeze_mask_after=1", "mask_vote"]),
     ("standalone-sample-too-large", ["--federation.standalone_clients", "3"],
      ["federation.standalone_clients=3", "1..2"]),
+    ("paired-with-itself", ["--federation.paired_aggregation", "l0"],
+     ["federation.paired_aggregation=l0", "already aggregates with l0"]),
+    ("paired-with-mask-vote", ["--federation.paired_aggregation", "fedavg", "--federation.strategy", "mask_vote"],
+     ["federation.paired_aggregation=fedavg", "mask_vote"]),
     ("unknown-key", ["--pruning.foo", "1"], ["unrecognized arguments", "--pruning.foo"]),
     ("missing-config-file", ["--config", "{bad}/none.yaml"], ["--config", "does not exist"]),
 ]

@@ -185,6 +185,13 @@ def _on_global_model(cfg: FederationConfig, t: int) -> bool:
     return cfg.client_base == "global" or is_refit_round(cfg, t)
 
 
+def paired_weights(outcome: FederationOutcome, cfg: FederationConfig, spec: PruneSpec, method: str,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The pooled matrices aggregated with ``method`` instead: the same uploads under another rule."""
+    return {name: aggregate(c, method, cfg.expansion, spec.sparsity, spec.n, spec.m).weight.to(dtype)
+            for name, c in outcome.pooled.items() if c.contributors}
+
+
 def _load_global(model: nn.Module, outcome: FederationOutcome) -> None:
     layers = prunable_modules(model)
     for name, weight in outcome.global_weights.items():
