@@ -527,6 +527,11 @@ def plot_bytes(runs: list[Run]) -> list[Path]:
         axis.scatter([total / 1e6], [ppl(results)])
         axis.annotate(name.split(":")[0][:38], (total / 1e6, ppl(results)), fontsize=7, xytext=(4, 2),
                       textcoords="offset points")
+    for strategy, style in (("standalone", ":"), ("centralized", "--")):
+        results = next((r.results() for r in runs if r.tags["strategy"] == strategy and r.results()), None)
+        if results is not None:
+            axis.axhline(ppl(results), color="grey", linestyle=style, label=f"{strategy} (no upload)")
+    axis.legend(fontsize=7, loc="upper right")
     axis.set_xlabel("upload per client over all rounds (MB)")
     axis.set_ylabel("perplexity at 70% (embedded test split)")
     axis.set_yscale("log")
