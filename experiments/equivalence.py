@@ -1,0 +1,83 @@
+"""Equivalences of the federated runs on the embedded default model, checked by the sha256 of the exported weights.
+
+    python experiments/equivalence.py      # writes experiments/results/equivalence.md (about 15 minutes)
+
+- FedSpaLLM with 1 client, sampling ``all`` and 1 round against centralized SparseGPT on the same windows;
+- FedSpaLLM with 4 clients in 4 processes (``fabric run --devices 4``), in 1 process and in 2 processes (2 + 2).
+
+Every process runs one torch thread: BLAS reductions depend on the thread count, the process layout must not.
+The unit tests check the same on tiny models (tests/test_federated.py, tests/test_distributed.py); this
+script shows it at the real size. 8 calibration windows of 128 tokens keep it short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "experiments" / "out" / "equivalence"
+TABLE = REPO / "experiments" / "results" / "equivalence.md"
+FABRIC = str(Path(sys.executable).with_name("fabric"))
+MAIN = str(REPO / "fedspallm" / "main.py")
+COMMON = [
+    "--config", str(REPO / "configs" / "default.yaml"), "--data.nsamples", "8", "--data.seqlen", "128",
+    "--eval.seqlen", "128", "--eval.max_windows", "4", "--runtime.threads", "1", "--runtime.progress", "false",
+    "--output.save_compressed", "false", "--output.checkpoint", "false",
+]
+# name: (launcher, the run's own flags, expected strategy and client count). The flags come after --config.
+RUNS = {
+    "centralized SparseGPT, 1 process": ([sys.executable, MAIN], ["--federation.strategy", "centralized",
+                                          "--federation.num_clients", "1"], ("centralized", 1)),
+    "FedSpaLLM, 1 client, sampling all, 1 round": ([sys.executable, MAIN], ["--federation.num_clients", "1",
+                                                   "--federation.sampling", "all"], ("fedspallm", 1)),
+    "FedSpaLLM, 4 clients in 4 processes": ([FABRIC, "run", "--devices", "4", MAIN], [], ("fedspallm", 4)),
+    "FedSpaLLM, 4 clients in 1 process": ([sys.executable, MAIN], [], ("fedspallm", 4)),
+    "FedSpaLLM, 4 clients in 2 processes": ([sys.executable, MAIN], ["--runtime.devices", "2"], ("fedspallm", 4)),
+}
+
+
+def run(name: str, launcher: list[str], flags: list[str], expected: tuple[str, int]) -> dict:
+    directory = OUT / name.replace(",", "").replace(" ", "-").lower()
+    shutil.rmtree(directory, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run([*launcher, *COMMON, *flags, "--output.dir", str(directory)], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    (results_path,) = directory.glob("version_*/results.json")
+    results = json.loads(results_path.read_text())
+    if (results["strategy"], results["num_clients"]) != expected:  # the run must be the one named
+        sys.exit(f"{name}: ran {results['strategy']} with {results['num_clients']} clients, expected {expected}")
+    weights = results_path.parent / "model" / "model.safetensors"
+    row = {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "perplexity": results["perplexity"]["default"],
+           "sparsity": results["sparsity"]["overall"], "seconds": time.perf_counter() - start}
+    shutil.rmtree(results_path.parent / "model")  # 538 MB each; the digest is what is compared
+    print(f"{name}: {row['sha256'][:16]}  ppl {row['perplexity']:.4f}  {row['seconds']:.0f} s", flush=True)
+    return row
+
+
+def main() -> None:
+    rows = {name: run(name, *spec) for name, spec in RUNS.items()}
+    names = list(rows)
+    pairs = [(names[0], names[1]), (names[2], names[3]), (names[2], names[4])]
+    lines = [
+        "SmolLM2-135M-Instruct (fp32), 70%, seed 0; 8 calibration windows x 128 tokens; one torch thread per process; "
+        "perplexity on 4 windows x 128 tokens of the embedded test split. sha256 of the exported model.safetensors.",
+        "", "| run | sha256 (first 16) | perplexity | sparsity |", "|---|---|---|---|",
+        *(f"| {n} | `{r['sha256'][:16]}` | {r['perplexity']:.4f} | {r['sparsity']:.6f} |"
+          for n, r in rows.items()),
+        "", "| comparison | bitwise identical |", "|---|---|",
+        *(f"| {a} = {b} | {'yes' if rows[a]['sha256'] == rows[b]['sha256'] else 'NO'} |" for a, b in pairs),
+    ]
+    TABLE.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if any(rows[a]["sha256"] != rows[b]["sha256"] for a, b in pairs):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
