@@ -11,11 +11,13 @@ from fedspallm.pruners import (
     PruneResult,
     accumulate_hessian,
     accumulate_sq_norms,
+    all_finite,
     check_finite,
     magnitude_prune,
     num_to_prune,
     prune_lowest,
     sparsegpt_prune,
+    sparsegpt_prune_group,
     validate_pattern,
     wanda_prune,
 )
@@ -378,7 +380,93 @@ def test_sparsegpt_sweep_equals_the_column_by_column_algorithm(sparsity, n, m):
     pruned_t = torch.zeros(wt.shape, dtype=torch.bool)
     _prune_tiles(wt, hinv, pruned_t, sparsity, n, m, blocksize=32)
     assert torch.equal(~pruned_t.T, expected_keep)
-    torch.testing.assert_close(wt.T, expected_w, rtol=0, atol=1e-10)
+    torch.testing.assert_close(wt.T.masked_fill(pruned_t.T, 0), expected_w, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 193, 500])
+def test_lower_triangular_inverse_by_halves(size):
+    from fedspallm.pruners.sparsegpt import lower_triangular_inverse
+
+    x = torch.randn(2 * size, size, generator=_gen(size), dtype=torch.float64)
+    lower = torch.linalg.cholesky(x.T @ x / size + 0.1 * torch.eye(size, dtype=torch.float64))  # as from a Hessian
+    inverse = lower_triangular_inverse(lower, leaf=16)
+    assert torch.equal(inverse, inverse.tril())
+    torch.testing.assert_close(inverse @ lower, torch.eye(size, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    from fedspallm.pruners import inverse_hessian_cholesky
+
+    _, _, hessian = _layer(14, inp=48)
+    hessian = hessian.double()
+    upper = inverse_hessian_cholesky(hessian, percdamp=0.01)
+    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(48, dtype=torch.float64)
+    assert torch.equal(upper, upper.triu()) and (upper.diagonal() > 0).all()
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
+    # The factor is unique, so it is the one factoring the inverse directly would give.
+    torch.testing.assert_close(upper, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize(("sparsity", "n", "m"), [(0.6, 0, 0), (0.0, 2, 4)])
+def test_sparsegpt_group_is_each_weight_pruned_on_its_own(sparsity, n, m):
+    # Three projections of one input, of different heights (q and a grouped-query k/v), one with a
+    # given mask: stacking them must not let one take another's budget or change anyone's sweep.
+    _, x, hessian = _layer(15, inp=96, tokens=512)
+    g = _gen(16)
+    weights = [torch.randn(rows, 96, generator=g) for rows in (24, 8, 8)]
+    given = magnitude_prune(weights[2], 0.5).mask
+    group = sparsegpt_prune_group(weights, hessian, sparsity, n, m, blocksize=32, keeps=[None, None, given])
+    alone = [sparsegpt_prune(w, hessian, sparsity, n, m, blocksize=32, keep=k)
+             for w, k in zip(weights, [None, None, given])]
+    for together, single in zip(group, alone):
+        assert torch.equal(together.mask, single.mask)
+        torch.testing.assert_close(together.weight, single.weight, rtol=1e-5, atol=1e-6)
+        assert torch.equal(together.weight != 0, together.mask)
+    for result in group[:2]:
+        if n:
+            _assert_nm(result.mask, n, m)
+        else:
+            rows = result.mask.shape[0]  # SparseGPT rounds its budget per tile of 32 columns
+            assert (~result.mask).sum() == 3 * num_to_prune(rows * 32, sparsity)
+    assert torch.equal(group[2].mask, given)
+
+
+def test_sparsegpt_group_rejects_weights_of_different_inputs():
+    _, _, hessian = _layer(17, inp=16)
+    with pytest.raises(ValueError, match="same input"):
+        sparsegpt_prune_group([torch.randn(4, 16), torch.randn(4, 8)], hessian, 0.5)
+    with pytest.raises(ValueError, match="one keep"):
+        sparsegpt_prune_group([torch.randn(4, 16)], hessian, 0.5, keeps=[None, None])
+
+
+def test_radix_selection_finds_the_same_kth_value_as_kthvalue():
+    from fedspallm.pruners.common import _kth_smallest_float32
+
+    g = _gen(19)
+    cases = {
+        "normal": torch.randn(20000, generator=g),
+        "squares": torch.randn(20000, generator=g).square(),
+        "huge and tiny": torch.randn(20000, generator=g) * torch.logspace(-30, 30, 20000),
+        "three values": torch.randint(0, 3, (9000,), generator=g).float() - 1,
+        "signed zeros": torch.cat([torch.zeros(3000), -torch.zeros(3000), torch.ones(100)]),
+    }
+    for name, values in cases.items():
+        for k in (1, 2, values.numel() // 3, values.numel() // 2, values.numel()):
+            assert _kth_smallest_float32(values, k).item() == values.kthvalue(k).values.item(), (name, k)
+        k = values.numel() // 2
+        order = values.argsort(stable=True)[:k]
+        expected = torch.zeros(values.numel(), dtype=torch.bool)
+        expected[order] = True
+        assert torch.equal(~prune_lowest(values.reshape(1, -1), 0.5).reshape(-1), expected), name
+
+
+def test_all_finite_sees_nan_and_inf_in_any_layout():
+    x = torch.randn(6, 5, generator=_gen(18))
+    assert all_finite(x) and all_finite(x.T) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[4, 1] = bad
+        assert not all_finite(y) and not all_finite(y.T) and not all_finite(y.half())
 
 
 def test_sparsegpt_given_its_own_mask_reproduces_its_own_weights():

@@ -4,6 +4,7 @@ from .common import (
     PruneResult,
     accumulate_hessian,
     accumulate_sq_norms,
+    all_finite,
     check_finite,
     check_weight,
     num_to_prune,
@@ -11,13 +12,14 @@ from .common import (
     validate_pattern,
 )
 from .magnitude import magnitude_prune
-from .sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
+from .sparsegpt import inverse_hessian_cholesky, sparsegpt_prune, sparsegpt_prune_group
 from .wanda import wanda_prune
 
 __all__ = [
     "PruneResult",
     "accumulate_hessian",
     "accumulate_sq_norms",
+    "all_finite",
     "check_finite",
     "check_weight",
     "inverse_hessian_cholesky",
@@ -25,6 +27,7 @@ __all__ = [
     "num_to_prune",
     "prune_lowest",
     "sparsegpt_prune",
+    "sparsegpt_prune_group",
     "validate_pattern",
     "wanda_prune",
 ]

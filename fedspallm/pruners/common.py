@@ -40,9 +40,25 @@ def validate_pattern(in_features: int, sparsity: float, n: int, m: int) -> None:
         raise ValueError(f"N:M pattern {n}:{m}: M={m} does not divide in_features={in_features}")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True if no entry is NaN or +-inf."""
+    if tensor.numel() == 0:
+        return True
+    # min and max propagate NaN and are infinite if any entry is: one reduction and no bool
+    # temporary, about 10x faster than isfinite().all() on a contiguous matrix (aminmax is slow on
+    # a strided one, where |t|.max() is the faster single pass).
+    t = tensor.detach()
+    if t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous():
+        t = t.T  # the same entries (a column-major matrix, as addmm may return a Hessian)
+    if not t.is_contiguous():
+        return bool(torch.isfinite(t.abs().amax()))
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise FloatingPointError(f"{name}: contains NaN or inf") if not all finite."""
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise FloatingPointError(f"{name}: contains NaN or inf")
 
 
@@ -80,11 +96,37 @@ def _lowest_k(rows: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k == 0:
         return torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
-    kth = rows.kthvalue(k, dim=1, keepdim=True).values
+    if rows.shape[0] == 1 and rows.dtype == torch.float32 and rows.shape[1] >= _RADIX_MIN:
+        kth = _kth_smallest_float32(rows.reshape(-1), k).reshape(1, 1)
+    else:
+        kth = rows.kthvalue(k, dim=1, keepdim=True).values
+    at_most = rows <= kth
+    if bool((at_most.sum(dim=1) == k).all()):
+        return at_most  # no tie at the k-th value to break: the common case for real-valued scores
     below = rows < kth
     tied = rows == kth
     still_needed = k - below.sum(dim=1, keepdim=True)
     return below | (tied & (tied.cumsum(dim=1) <= still_needed))
+
+
+_RADIX_MIN = 4096
+
+
+def _kth_smallest_float32(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) of finite float32 ``values``, as kthvalue finds it, 5x faster on
+    10^5 entries: count the entries per value of the upper 16 bits of an order-preserving integer
+    key, and run kthvalue only on the bucket the k-th falls in (typically under 1% of them)."""
+    bits = values.contiguous().view(torch.int32)
+    bucket = bits >> 16
+    low = int(bucket.min())
+    if low < 0:
+        # Negative floats sort in reverse by their bits: flipping all but the sign bit fixes the order.
+        bucket = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 16
+        low = int(bucket.min())
+    counts = torch.bincount(bucket - low, minlength=1).cumsum(0)
+    chosen = int(torch.searchsorted(counts, k))  # first bucket whose running count reaches k
+    before = int(counts[chosen - 1]) if chosen else 0
+    return values[bucket == chosen + low].kthvalue(k - before).values
 
 
 def _running_mean(
