@@ -28,8 +28,9 @@ from fedspallm.pruners import (
     PruneResult,
     accumulate_hessian,
     accumulate_sq_norms,
+    all_finite,
     magnitude_prune,
-    sparsegpt_prune,
+    sparsegpt_prune_group,
     validate_pattern,
     wanda_prune,
 )
@@ -145,19 +146,25 @@ def capture_block_inputs(
     return captured
 
 
-def _prune_matrix(name: str, spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic,
-                  keep: torch.Tensor | None = None) -> PruneResult:
+def _prune_group(names: list[str], spec: PruneSpec, weights: list[torch.Tensor], statistic: _Statistic,
+                 keeps: list[torch.Tensor | None]) -> list[PruneResult]:
+    """Prune weights that share one statistic; SparseGPT inverts their Hessian once for all of them."""
     try:
         if spec.method == "sparsegpt":
-            return sparsegpt_prune(weight, statistic.value, spec.sparsity, spec.n, spec.m, spec.blocksize, spec.percdamp,
-                                   keep=keep)
-        if keep is not None:  # Wanda and magnitude have no weight update: a given mask is all there is
-            return PruneResult.from_mask(weight, keep.to(weight.device))
-        if spec.method == "wanda":
-            return wanda_prune(weight, statistic.value, spec.sparsity, spec.n, spec.m)
-        return magnitude_prune(weight, spec.sparsity, spec.n, spec.m)
+            return sparsegpt_prune_group(weights, statistic.value, spec.sparsity, spec.n, spec.m, spec.blocksize,
+                                         spec.percdamp, keeps=keeps)
+        return [_prune_without_update(spec, weight, statistic, keep) for weight, keep in zip(weights, keeps)]
     except FloatingPointError as err:
-        raise NumericalError(f"{name}: {err}") from None
+        raise NumericalError(f"{'/'.join(names)}: {err}") from None
+
+
+def _prune_without_update(spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic,
+                          keep: torch.Tensor | None) -> PruneResult:
+    if keep is not None:  # Wanda and magnitude have no weight update: a given mask is all there is
+        return PruneResult.from_mask(weight, keep.to(weight.device))
+    if spec.method == "wanda":
+        return wanda_prune(weight, statistic.value, spec.sparsity, spec.n, spec.m)
+    return magnitude_prune(weight, spec.sparsity, spec.n, spec.m)
 
 
 def check_prunable(model: nn.Module, blocks_to_prune: Iterable[int], spec: PruneSpec) -> None:
@@ -236,15 +243,23 @@ def prune_sequential(
         statistics: dict[str, _Statistic] = {}
         if layers and needs_data:
             _collect_statistics(block, layers, hidden, kwargs, spec.method, statistics, result.stats)
+        # Layers that share a statistic are pruned together (q/k/v, gate/up); the others one by one.
+        groups: dict[int | str, list[str]] = {}
+        for name in layers:
+            groups.setdefault(id(statistics[name]) if name in statistics else name, []).append(name)
+        pruned: dict[str, PruneResult] = {}
+        for names in groups.values():
+            full_names = [f"{prefix}.{index}.{name}" for name in names]
+            weights = [get_weight(layers[name]).detach() for name in names]
+            for full_name, weight in zip(full_names, weights):
+                if not all_finite(weight):
+                    raise NumericalError(f"{full_name}: weight contains NaN or inf")
+            keeps = [fixed_masks.get(full_name) if fixed_masks is not None else None for full_name in full_names]
+            statistic = statistics.get(names[0], _Statistic())
+            pruned.update(zip(names, _prune_group(full_names, spec, weights, statistic, keeps)))
         for name, layer in layers.items():
-            full_name = f"{prefix}.{index}.{name}"
-            weight = get_weight(layer).detach()
-            if not torch.isfinite(weight).all():
-                raise NumericalError(f"{full_name}: weight contains NaN or inf")
-            keep = fixed_masks.get(full_name) if fixed_masks is not None else None
-            pruned = _prune_matrix(full_name, spec, weight, statistics.get(name, _Statistic()), keep)
-            set_weight(layer, pruned.weight)
-            result.pruned[full_name] = pruned
+            set_weight(layer, pruned[name].weight)
+            result.pruned[f"{prefix}.{index}.{name}"] = pruned[name]
             result.stats.layers_pruned += 1
         if layers:
             result.stats.blocks_pruned += 1

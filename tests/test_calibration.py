@@ -77,6 +77,23 @@ def test_layers_reading_one_input_share_one_statistic():
     assert result.stats.layers_pruned == blocks * 7
 
 
+def test_sparsegpt_inverts_each_shared_hessian_once(monkeypatch):
+    import fedspallm.calibration as engine
+
+    groups: list[int] = []
+    real = engine.sparsegpt_prune_group
+
+    def counting(weights, hessian, *args, **kwargs):
+        groups.append(len(weights))
+        return real(weights, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "sparsegpt_prune_group", counting)
+    model = make_tiny_model("llama")
+    prune_sequential(model, random_windows(n=4), PruneSpec("sparsegpt", 0.5), batch_size=4)
+    # Per block: q/k/v together, o, gate/up together, down.
+    assert groups == [3, 1, 2, 1] * len(find_decoder_blocks(model))
+
+
 def test_only_selected_blocks_are_pruned_and_restore_dense_leaves_the_model_unchanged():
     model = make_tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
