@@ -161,9 +161,24 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, revision: str | None = None,
             raise UserError(f"could not load model {path_or_id!r}: {str(err).splitlines()[0]}") from None
         raise _hub_error(path_or_id, err) from None
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+    _own_cpu_tensors(model)
     model.eval()
     find_decoder_blocks(model)  # fail early, with a clear line, on an unsupported layout
     return model, tokenizer
+
+
+@torch.no_grad()
+def _own_cpu_tensors(model: nn.Module) -> None:
+    """Give every CPU parameter and buffer memory of its own.
+
+    ``from_pretrained`` leaves tensors whose dtype matches the file memory-mapped from it, copy on
+    write: the first write into each page then faults and copies it. Pruning writes every matrix, and
+    writing a 1536 x 576 matrix that way took 12 ms instead of 0.3 ms (1.5 s of a 14 s prune of the
+    embedded model). Copying once at load costs the same memory the writes would have taken anyway.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:  # a tied weight is one parameter: copied once
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
 
 
 def strip_quantization(model: nn.Module) -> None:
