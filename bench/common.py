@@ -8,7 +8,7 @@ ratios compare like with like on a shared machine. Run as a script, this prints 
 
 from __future__ import annotations
 
-import fedspallm  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads)
+import fedspallm  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
 import argparse
 import os
@@ -18,7 +18,11 @@ from collections.abc import Iterator
 
 import torch
 
+from fedspallm.cli import tune_allocator
 from fedspallm.runtime import peak_rss_bytes, reset_peak_rss  # noqa: F401  (re-exported to the benchmarks)
+
+# The benchmarks run with the process settings the command line uses (and print them: machine_line).
+ALLOCATOR_TUNED = tune_allocator()
 
 MB = 2**20  # the benchmarks print MB in units of 2**20 bytes
 
@@ -87,8 +91,9 @@ def load_average() -> float:
 
 def machine_line() -> str:
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-            f"CPU capability {torch.backends.cpu.get_cpu_capability()}, OMP_WAIT_POLICY="
-            f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+            + f", malloc tuned as the CLI does: {'yes' if ALLOCATOR_TUNED else 'no'}")
 
 
 def footer(started: float, load_before: float) -> str:

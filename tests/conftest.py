@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see fedspallm/__init__.py; must precede torch
+import fedspallm  # noqa: F401  (first: sets the OpenMP wait policy before torch loads; see its __init__)
 
 import pytest
 import torch
