@@ -33,8 +33,10 @@ Achieved FLOP/s of the whole SparseGPT prune = counted FLOPs / prune wall time, 
               bench/eval_throughput.py), T = seqlen, d = hidden size; "passes" is the engine's own
               count (2 per pruned block: statistics, then pruned outputs)
     Hessian   2 t c^2 per accumulate_hessian call on t tokens of width c (one per distinct input and batch)
-    solve     per matrix [r, c], blocksize B, tile widths b:
-              Cholesky, cholesky_inverse, Cholesky    c^3/3 + 2c^3/3 + c^3/3  = 4c^3/3
+    solve     per group of projections sharing one Hessian [c, c] (q/k/v, gate/up; o and down alone),
+              r = their stacked rows, blocksize B, tile widths b:
+              inverse: Cholesky + triangular inverse c^3/3 + c^3/3 = 2c^3/3 (the triangular solve
+                       against I does c^3, half of it on the zeros of I; only c^3/3 is counted)
               OBS sweep inside each tile             sum_i 2 r (b - i - 1)    = r b (b - 1)   (~ r c B in all)
               lazy update of the later columns       2 r b (c - c_end)                       (~ r c^2 in all)
 
@@ -44,7 +46,7 @@ workers, on 2 threads and on 1), i.e. the least flattering denominator.
 
 from __future__ import annotations
 
-from common import (  # first: imports fedspallm (OMP_WAIT_POLICY=PASSIVE) before torch
+from common import (  # first: imports fedspallm (the OpenMP wait policy) before torch
     MB,
     current_rss_bytes,
     fp32_peak,
@@ -85,14 +87,14 @@ METHODS = ("sparsegpt", "wanda", "magnitude")
 
 
 def solve_flops(rows: int, cols: int, blocksize: int) -> dict[str, float]:
-    """SparseGPT's solve on one [rows, cols] matrix (unstructured): see the module docstring."""
+    """SparseGPT's solve on one group of stacked [rows, cols] weights (unstructured): see the module docstring."""
     sweep = lazy = 0.0
     for c0 in range(0, cols, blocksize):
         c1 = min(c0 + blocksize, cols)
         b = c1 - c0
         sweep += rows * b * (b - 1)
         lazy += 2.0 * rows * b * (cols - c1)
-    return {"inverse": 4.0 * cols**3 / 3, "sweep": sweep, "lazy": lazy}
+    return {"inverse": 2.0 * cols**3 / 3, "sweep": sweep, "lazy": lazy}
 
 
 def block_forward_flops_per_token(model: torch.nn.Module, seqlen: int) -> float:
@@ -138,31 +140,22 @@ def instrument(meter: Meter, blocksize: int) -> None:
     engine.wanda_prune = meter.wrap("solve", engine.wanda_prune)
     engine.magnitude_prune = meter.wrap("solve", engine.magnitude_prune)
 
-    # SparseGPT: the inverse and the OBS sweep separately. The engine prunes projections that share
-    # a Hessian (q/k/v, gate/up) one after another with the same tensor; an inverse of the tensor
-    # the previous call inverted is counted as "repeated". Holding that one tensor also keeps its id
-    # from being reused by a later block's Hessian.
-    last: list[torch.Tensor | None] = [None]
-    sparsegpt = engine.sparsegpt_prune
+    # SparseGPT: the inverse and the OBS sweep separately; one call per group of projections that
+    # share a Hessian.
+    sparsegpt = engine.sparsegpt_prune_group
     inverse = sparsegpt_module.inverse_hessian_cholesky
     tiles = sparsegpt_module._prune_tiles
 
-    def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        rows, cols = weight.shape
-        counts = solve_flops(rows, cols, blocksize)
-        repeated = hessian is last[0]
-        last[0] = hessian
+    def sparsegpt_prune_group(weights: list[torch.Tensor], hessian: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        counts = solve_flops(sum(w.shape[0] for w in weights), hessian.shape[0], blocksize)
         start = time.perf_counter()
-        before = meter.seconds.get("inverse", 0.0)
-        out = sparsegpt(weight, hessian, *args, **kwargs)
+        out = sparsegpt(weights, hessian, *args, **kwargs)
         meter.add("solve", time.perf_counter() - start, sum(counts.values()))
         meter.flops["inverse"] = meter.flops.get("inverse", 0.0) + counts["inverse"]
         meter.flops["sweep"] = meter.flops.get("sweep", 0.0) + counts["sweep"] + counts["lazy"]
-        if repeated:
-            meter.add("repeated inverse", meter.seconds["inverse"] - before)
         return out
 
-    engine.sparsegpt_prune = sparsegpt_prune
+    engine.sparsegpt_prune_group = sparsegpt_prune_group
     sparsegpt_module.inverse_hessian_cholesky = meter.wrap("inverse", inverse)
     sparsegpt_module._prune_tiles = meter.wrap("sweep", tiles)
 
@@ -330,9 +323,9 @@ def report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], peak_runs:
         ("forward", sgpt["forward_flops"], rest_s, "block passes (+ capture, bookkeeping)"),
         ("Hessian", f.get("statistics", 0.0), s.get("statistics", 0.0), "accumulate_hessian (addmm X^T X)"),
         ("inverse", f.get("inverse", 0.0), s.get("inverse", 0.0),
-         f"{sgpt['calls'].get('inverse', 0)} Cholesky inverses, {s.get('repeated inverse', 0.0):.1f} s of them repeat"
-         " a sibling's"),
-        ("OBS sweep", f.get("sweep", 0.0), s.get("sweep", 0.0), "tiles: rank-1 updates + lazy addmm, 1 thread"),
+         f"{sgpt['calls'].get('inverse', 0)} inverse Cholesky factors, one per shared Hessian"),
+        ("OBS sweep", f.get("sweep", 0.0), s.get("sweep", 0.0),
+         "tiles: rank-1 updates (1 thread) + sub-tile and tile addmm"),
     ]
     other_solve = s.get("solve", 0.0) - s.get("inverse", 0.0) - s.get("sweep", 0.0)
     total_flops = sum(p[1] for p in parts)
