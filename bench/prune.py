@@ -1,6 +1,6 @@
 """Centralized pruning of the embedded default model: SparseGPT, Wanda and magnitude, measured in one run.
 
-    python bench/prune.py                      # about 7-8 minutes on the shared 2-core CPU
+    python bench/prune.py                      # about 1.5 minutes on the shared 2-core CPU
     python bench/prune.py --nsamples 8         # quicker
 
 Setting (the defaults): all 30 blocks of the embedded SmolLM2-135M in float32, unstructured 50%

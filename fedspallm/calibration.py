@@ -149,13 +149,23 @@ def capture_block_inputs(
 def _prune_group(names: list[str], spec: PruneSpec, weights: list[torch.Tensor], statistic: _Statistic,
                  keeps: list[torch.Tensor | None]) -> list[PruneResult]:
     """Prune weights that share one statistic; SparseGPT inverts their Hessian once for all of them."""
+    if spec.method != "sparsegpt":
+        return [_prune_one(name, spec, weight, statistic, keep) for name, weight, keep in zip(names, weights, keeps)]
     try:
-        if spec.method == "sparsegpt":
-            return sparsegpt_prune_group(weights, statistic.value, spec.sparsity, spec.n, spec.m, spec.blocksize,
-                                         spec.percdamp, keeps=keeps)
-        return [_prune_without_update(spec, weight, statistic, keep) for weight, keep in zip(weights, keeps)]
+        return sparsegpt_prune_group(weights, statistic.value, spec.sparsity, spec.n, spec.m, spec.blocksize,
+                                     spec.percdamp, keeps=keeps)
     except FloatingPointError as err:
-        raise NumericalError(f"{'/'.join(names)}: {err}") from None
+        # The statistic is the input of the first layer that reads it; a NaN there reaches all of them.
+        where = names[0] if str(err).startswith("hessian") else "/".join(names)
+        raise NumericalError(f"{where}: {err}") from None
+
+
+def _prune_one(name: str, spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic,
+               keep: torch.Tensor | None) -> PruneResult:
+    try:
+        return _prune_without_update(spec, weight, statistic, keep)
+    except FloatingPointError as err:
+        raise NumericalError(f"{name}: {err}") from None
 
 
 def _prune_without_update(spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic,
