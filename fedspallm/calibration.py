@@ -162,19 +162,15 @@ def _prune_group(names: list[str], spec: PruneSpec, weights: list[torch.Tensor],
 
 def _prune_one(name: str, spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic,
                keep: torch.Tensor | None) -> PruneResult:
+    """Wanda or magnitude, which have no weight update: a given mask is all there is."""
+    if keep is not None:
+        return PruneResult.from_mask(weight, keep.to(weight.device))
     try:
-        return _prune_without_update(spec, weight, statistic, keep)
+        if spec.method == "wanda":
+            return wanda_prune(weight, statistic.value, spec.sparsity, spec.n, spec.m)
+        return magnitude_prune(weight, spec.sparsity, spec.n, spec.m)
     except FloatingPointError as err:
         raise NumericalError(f"{name}: {err}") from None
-
-
-def _prune_without_update(spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic,
-                          keep: torch.Tensor | None) -> PruneResult:
-    if keep is not None:  # Wanda and magnitude have no weight update: a given mask is all there is
-        return PruneResult.from_mask(weight, keep.to(weight.device))
-    if spec.method == "wanda":
-        return wanda_prune(weight, statistic.value, spec.sparsity, spec.n, spec.m)
-    return magnitude_prune(weight, spec.sparsity, spec.n, spec.m)
 
 
 def check_prunable(model: nn.Module, blocks_to_prune: Iterable[int], spec: PruneSpec) -> None:

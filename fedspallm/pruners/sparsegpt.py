@@ -124,11 +124,12 @@ def sparsegpt_prune_group(
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian must be [{cols}, {cols}], got {tuple(hessian.shape)}")
     check_finite("hessian", hessian)
-    results: list[PruneResult | None] = [None] * len(weights)
     # Nothing to prune and no mask to refit to: the weight stands as it is.
     active = [i for i, keep in enumerate(keeps) if keep is not None or n or sparsity]
-    for i in set(range(len(weights))) - set(active):
-        results[i] = PruneResult(weights[i].detach().clone(), torch.ones_like(weights[i], dtype=torch.bool))
+    results: list[PruneResult | None] = [
+        None if i in active else PruneResult(w.detach().clone(), torch.ones_like(w, dtype=torch.bool))
+        for i, w in enumerate(weights)
+    ]
     if not active:
         return results
     if n:
