@@ -578,9 +578,26 @@ EXPERIMENTS = {
 }
 
 
+def check_one_environment(experiment: str, runs: list[Run]) -> dict | None:
+    """The one environment of every result a table reads; a table never mixes environments."""
+    from fedspallm.environment import environment_difference, environment_key
+
+    found = [(run.name, results.get("environment")) for run in runs if (results := run.results()) is not None]
+    if not found:
+        return None
+    first_name, first = found[0]
+    for name, environment in found[1:]:
+        if environment_key(environment) != environment_key(first):
+            raise SystemExit(f"error: {experiment}: {name} and {first_name} were measured in different environments "
+                             f"({environment_difference(first, environment)}); re-run one of them "
+                             f"(delete experiments/out/<run>) so that the table comes from one environment")
+    return first
+
+
 def report(experiment: str) -> None:
     make_runs, make_table, make_plot = EXPERIMENTS[experiment]
     runs = make_runs()
+    check_one_environment(experiment, runs)
     TABLES.mkdir(parents=True, exist_ok=True)
     table = make_table(runs)
     tmp = TABLES / f".{experiment}.md.tmp"
