@@ -10,15 +10,15 @@ mask expansion, 1 round; centralized SparseGPT prunes all 30 blocks on the union
 windows (``plan.all_windows()``, as the ``centralized`` strategy does). Perplexity on 8 x 512 test
 windows. Calibration batch 8.
 
-Layout: ONE process, 4 virtual clients, run one after another by ``run_federation`` with
-``reduce`` = identity (world size 1), so both runs get the same 2 cores and nothing else of this
+Layout: ONE process, 4 virtual clients, run one after another by ``run_federation`` with a
+one-process ``PlainReducer`` (the sum is the input), so both runs get the same 2 cores and nothing else of this
 bench runs beside them. Consequences, stated in the output:
 
 - the federated wall time is the *sum* of the clients' work; with one process per client on
   equal devices the round would take about the slowest client plus aggregation, and that
   critical path is printed as well;
-- ``collective_time_s`` covers building and summing the contributions that would be all-reduced;
-  no bytes cross a process boundary here. The payload such a process would all-reduce per round
+- ``collective_time_s`` covers building the sums that would be all-reduced; no bytes cross a
+  process boundary here. The payload such a process would all-reduce per round
   (float64 sum of kept weights + int32 keep counts for every matrix of the round's blocks, plus
   the contributor counts) is printed next to the upload bytes.
 
@@ -47,6 +47,7 @@ import fedspallm.federated.rounds as rounds
 from fedspallm.calibration import PruneSpec, prune_sequential
 from fedspallm.config import FederationConfig, ModelConfig
 from fedspallm.data import eval_windows, plan_calibration
+from fedspallm.federated.collectives import PlainReducer
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
 from fedspallm.models import find_decoder_blocks, get_weight, load_model, prunable_modules, set_weight
 from fedspallm.outputs import model_bytes
@@ -57,33 +58,21 @@ def log(started: float, message: str) -> None:
     print(f"[{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
 
 
-def timed_clients(record: dict[tuple[int, int], float]) -> None:
-    """Time every client's local work: ``client_round`` as the rounds module calls it, keyed (round, client)."""
-    client_round = rounds.client_round
-
-    def timed(model: torch.nn.Module, windows: torch.Tensor, spec: PruneSpec, blocks: Any, client_id: int,
-              round_index: int, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        update = client_round(model, windows, spec, blocks, client_id, round_index, *args, **kwargs)
-        record[(round_index, client_id)] = time.perf_counter() - start
-        return update
-
-    rounds.client_round = timed
-
-
 def _allreduce_rank(rank: int, world: int, port: int, shapes: list[tuple[int, ...]], out: Any) -> None:
-    """One rank of the loopback all-reduce: the same calls, sizes and dtypes as ``_reduce_contributions``."""
+    """One rank of the loopback reduce: the same kinds, sizes and dtypes the round strategies sum, through
+    the same :class:`PlainReducer` (one all_reduce per same-dtype bucket)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     try:
-        tensors = [(torch.zeros(shape, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
-                    torch.zeros(shape, dtype=torch.float64)) for shape in shapes]
+        reducer = PlainReducer()
+        sums = {"weight_sum": {str(i): torch.zeros(shape, dtype=torch.float64) for i, shape in enumerate(shapes)},
+                "keep_count": {str(i): torch.zeros(shape, dtype=torch.int32) for i, shape in enumerate(shapes)},
+                "contributors": {str(i): torch.zeros(1, dtype=torch.int64) for i in range(len(shapes))}}
         dist.barrier()
         start = time.perf_counter()
-        for keep, count, weight_sum in tensors:
-            for tensor in (keep, count, weight_sum):
-                dist.all_reduce(tensor)
+        for kind, tensors in sums.items():
+            reducer.sum(tensors, kind=kind, tag="round 1")
         seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         if rank == 0:
@@ -151,10 +140,8 @@ def main() -> None:
                            budget=args.budget)
     plan = rounds.plan_rounds(cfg, num_blocks, args.seed)
     client_windows = calibration.materialize(range(args.clients))
-    client_s: dict[tuple[int, int], float] = {}
-    timed_clients(client_s)
     start = time.perf_counter()
-    outcome = rounds.run_federation(model, client_windows, spec, cfg, plan, lambda tensor: tensor, seed=args.seed,
+    outcome = rounds.run_federation(model, client_windows, spec, cfg, plan, PlainReducer(), seed=args.seed,
                                     batch_size=args.batch_size)
     fed_s = time.perf_counter() - start
     log(started, "evaluating ...")
@@ -165,8 +152,9 @@ def main() -> None:
         log(started, f"loopback all-reduce, {args.allreduce_ranks} gloo processes ...")
         allreduce_s = loopback_allreduce_seconds([tuple(dense[n].shape) for n in round_names], args.allreduce_ranks)
 
-    # Timings. RoundLog.client_time_s is the local work: the clients, then summing their contributions.
+    # Timings. StepLog.client_time_s is the local work: each client prunes and adds its upload to the local sums.
     logs = outcome.rounds
+    client_s = {(r.index, c): r.client_seconds[c] for r in logs for c in range(args.clients)}
     local_s = sum(r.client_time_s for r in logs)
     clients_s = sum(client_s.values())
     sums_s = local_s - clients_s
@@ -176,11 +164,11 @@ def main() -> None:
     server_s = aggregate_s + collective_s
     # With one process per client, a round lasts as long as its slowest client, then that client's own
     # sums, the all-reduce and the aggregation (every process computes the same one).
-    slowest = sum(max(client_s[(r.round_index, c)] for c in range(args.clients)) for r in logs)
+    slowest = sum(max(client_s[(r.index, c)] for c in range(args.clients)) for r in logs)
     parallel_s = slowest + sums_s / args.clients + collective_s + aggregate_s + other_s + (allreduce_s or 0.0) * len(logs)
 
     # Bytes
-    per_round = [[r.upload_bytes.get(c, 0) for c in range(args.clients)] for r in logs]
+    per_round = [r.upload_bytes for r in logs]
     mean_upload = statistics.mean(v for row in per_round for v in row)
     names_of = {b: list(prunable_modules(model, [b])) for b in range(num_blocks)}
     bytes_of = {b: sum(dense[n].numel() * dense[n].element_size() for n in names_of[b]) for b in range(num_blocks)}
@@ -194,14 +182,14 @@ def main() -> None:
           f"{args.batch_size}; FedSpaLLM: {args.clients} clients x {sum(len(w) for w in client_windows.values()) // args.clients}"
           f" windows, budget {args.budget} -> k = {plan.blocks_per_client[0]} of {num_blocks} blocks, systematic, "
           f"l0 + expansion, {args.rounds} round(s)")
-    print(f"  layout: 1 process, {args.clients} virtual clients run one after another, reduce = identity (no process "
+    print(f"  layout: 1 process, {args.clients} virtual clients run one after another, one-process reducer (no process "
           "boundary is crossed)")
     print()
     print(f"  {'run':<40}{'seconds':>9}{'share':>8}{'ppl':>10}")
     print(f"  {'centralized SparseGPT (all blocks)':<40}{central_s:>9.1f}{'':>8}{central_ppl:>10.2f}")
     print(f"  {'FedSpaLLM, whole run_federation':<40}{fed_s:>9.1f}{1.0:>8.1%}{fed_ppl:>10.2f}")
     for c in range(args.clients):
-        seconds = sum(client_s[(r.round_index, c)] for r in logs)
+        seconds = sum(client_s[(r.index, c)] for r in logs)
         print(f"  {f'  client {c} ({len(samples[c])} blocks, {client_windows[c].shape[0]} windows)':<40}"
               f"{seconds:>9.1f}{seconds / fed_s:>8.1%}")
     for label, seconds in (("  local sums of the clients' uploads", sums_s),

@@ -2,8 +2,8 @@
 
 After every completed round of a multi-round run, ``federation.ckpt`` in the run directory holds
 what the next round needs and nothing that can be recomputed: the pooled sums (Σ M⊙W in float64,
-keep counts, contributor counts), the global weights and masks so far, the upload bytes and round
-logs, the RNG states and the round index. It is written with ``fabric.save`` to a temporary name
+keep counts, contributor counts), the global weights and masks so far, the round logs (each with
+every client's upload bytes and local time), the RNG states and the round index. It is written with ``fabric.save`` to a temporary name
 and renamed, so a crash mid-write leaves the previous checkpoint intact.
 
 Resuming (``output.resume``) loads it before any model is loaded, checks that the settings that
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,11 @@ import torch
 from fedspallm.config import DataConfig, FederationConfig, ModelConfig, PruningConfig
 from fedspallm.errors import UserError
 from fedspallm.federated.aggregation import Contribution
-from fedspallm.federated.rounds import FederationOutcome, RoundLog
+from fedspallm.federated.driver import StepLog
+from fedspallm.federated.rounds import FederationOutcome
 
 CHECKPOINT_NAME = "federation.ckpt"
-FORMAT = 1
+FORMAT = 2  # 2: upload bytes and client times live in the round logs
 # Keys that do not change the pruned model: how long to wait and which faults to inject.
 _NEUTRAL = {"collective_timeout_s", "on_client_failure", "fail_client", "fail_round", "fail_mode", "rounds"}
 
@@ -64,9 +65,7 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def checkpoint_state(outcome: FederationOutcome, fingerprint_: dict[str, Any],
-                     bytes_per_round: list[list[int]], rounds: int,
-                     client_seconds_per_round: list[list[float]] | None = None) -> dict[str, Any]:
+def checkpoint_state(outcome: FederationOutcome, fingerprint_: dict[str, Any], rounds: int) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "completed_rounds": outcome.completed_rounds,
@@ -77,12 +76,7 @@ def checkpoint_state(outcome: FederationOutcome, fingerprint_: dict[str, Any],
         "global_weights": outcome.global_weights,
         "masks": outcome.masks,
         "uncovered": outcome.uncovered,
-        "collective_time_s": outcome.collective_time_s,
-        "round_logs": [{"round_index": log.round_index, "samples": log.samples, "client_time_s": log.client_time_s,
-                        "aggregate_time_s": log.aggregate_time_s, "wall_time_s": log.wall_time_s}
-                       for log in outcome.rounds],
-        "bytes_per_round": bytes_per_round,
-        "client_seconds_per_round": client_seconds_per_round or [],
+        "round_logs": [asdict(log) for log in outcome.rounds],
         "rng": capture_rng(),
     }
 
@@ -136,21 +130,17 @@ def load_checkpoint(resume: str, expected: dict[str, Any], rounds: int) -> dict[
 def outcome_from_checkpoint(state: dict[str, Any]) -> FederationOutcome:
     pooled = {name: Contribution(p["weight_sum"], p["keep_count"], int(p["contributors"]))
               for name, p in state["pooled"].items()}
-    logs = [RoundLog(log["round_index"], log["samples"], {}, log["client_time_s"], log["aggregate_time_s"],
-                     log["wall_time_s"]) for log in state["round_logs"]]
+    keys = [f.name for f in fields(StepLog)]
+    logs = [StepLog(**{key: log[key] for key in keys}) for log in state["round_logs"]]
     return FederationOutcome(global_weights=dict(state["global_weights"]), masks=dict(state["masks"]), rounds=logs,
-                             uncovered=list(state["uncovered"]), collective_time_s=float(state["collective_time_s"]),
-                             pooled=pooled, completed_rounds=int(state["completed_rounds"]))
+                             uncovered=list(state["uncovered"]), pooled=pooled,
+                             completed_rounds=int(state["completed_rounds"]))
 
 
-def start_from(state: dict[str, Any] | None, bytes_per_round: list[list[int]],
-               client_seconds_per_round: list[list[float]] | None = None) -> FederationOutcome | None:
-    """The outcome to resume from (None for a fresh run). Restores the RNG states and the per-round logs."""
+def start_from(state: dict[str, Any] | None) -> FederationOutcome | None:
+    """The outcome to resume from (None for a fresh run), round logs included. Restores the RNG states."""
     if state is None:
         return None
-    bytes_per_round.extend(state["bytes_per_round"])
-    if client_seconds_per_round is not None:
-        client_seconds_per_round.extend(state.get("client_seconds_per_round", []))
     restore_rng(state["rng"])
     return outcome_from_checkpoint(state)
 
@@ -159,16 +149,12 @@ class RoundCheckpointer:
     """``after_round(t, outcome)`` saves the state after round t; a no-op unless checkpointing is on."""
 
     def __init__(self, fabric: Any, run_dir: Path | None, fingerprint_: dict[str, Any], rounds: int,
-                 bytes_per_round: list[list[int]], enabled: bool,
-                 client_seconds_per_round: list[list[float]] | None = None) -> None:
+                 enabled: bool) -> None:
         self.fabric, self.run_dir, self.fingerprint, self.rounds = fabric, run_dir, fingerprint_, rounds
-        self.bytes_per_round = bytes_per_round
-        self.client_seconds_per_round = client_seconds_per_round
         self.enabled = enabled and rounds > 1
         self.path: Path | None = None
 
     def after_round(self, t: int, outcome: FederationOutcome) -> None:
         if self.enabled:
-            state = checkpoint_state(outcome, self.fingerprint, self.bytes_per_round, self.rounds,
-                                     self.client_seconds_per_round)
-            self.path = save_checkpoint(self.fabric, self.run_dir, state)
+            self.path = save_checkpoint(self.fabric, self.run_dir, checkpoint_state(outcome, self.fingerprint,
+                                                                                    self.rounds))

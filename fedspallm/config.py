@@ -115,9 +115,7 @@ class FederationConfig:
     """The federation.
 
     Args:
-        strategy: fedspallm, centralized (one pruner on all data), standalone (each client prunes
-            alone; mean/min/max reported), fedavg (plain averaging + expansion) or mask_vote
-            (FedPrLLM: masks only, most-voted positions pruned).
+        strategy: {strategies}
         num_clients: number of clients K. Processes each simulate K / world_size of them.
         rounds: number of rounds T.
         budgets: resource fraction r_i per client: a list of K values in (0, 1], "uniform" (every
@@ -162,7 +160,7 @@ class FederationConfig:
         fail_mode: exit (the process dies at once, as in a crash) or hang (it stops making progress).
     """
 
-    strategy: Literal["fedspallm", "centralized", "standalone", "fedavg", "mask_vote"] = "fedspallm"
+    strategy: str = "fedspallm"
     num_clients: int = 4
     rounds: int = 1
     budgets: Union[list[float], Literal["uniform", "linear"]] = "uniform"
@@ -181,6 +179,23 @@ class FederationConfig:
     fail_client: Optional[int] = None
     fail_round: int = 1
     fail_mode: Literal["exit", "hang"] = "exit"
+
+    def __post_init__(self) -> None:
+        from fedspallm.federated.strategies import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            err = UserError(f"federation.strategy={self.strategy!r}: unknown strategy; registered: "
+                            f"{', '.join(STRATEGIES)}")
+            err.same_on_every_rank = True  # type: ignore[attr-defined]
+            raise err
+
+
+_FEDERATION_DOC = FederationConfig.__doc__ or ""
+
+
+def document_strategies(text: str) -> None:
+    """Fill the ``strategy`` line of FederationConfig's docstring (what ``--help`` shows) from the registry."""
+    FederationConfig.__doc__ = _FEDERATION_DOC.replace("{strategies}", text)
 
 
 @dataclass

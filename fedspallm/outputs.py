@@ -38,16 +38,20 @@ def prunable_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: get_weight(layer) for name, layer in prunable_modules(model).items()}
 
 
-def sparsity_report(model: nn.Module, target: float) -> dict[str, Any]:
-    """Achieved sparsity: overall (over prunable matrices) and per matrix, counting every zero."""
-    per_matrix: dict[str, float] = {}
-    zeros = total = 0
-    for name, weight in prunable_matrices(model).items():
-        z = int((weight == 0).sum())
-        per_matrix[name] = z / weight.numel()
-        zeros += z
-        total += weight.numel()
-    return {"target": target, "overall": zeros / total if total else 0.0, "per_matrix": per_matrix}
+def zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every prunable matrix's (zeros, elements)."""
+    return {name: (int((weight == 0).sum()), weight.numel()) for name, weight in prunable_matrices(model).items()}
+
+
+def sparsity_report(model: nn.Module, target: float, counts: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Achieved sparsity: overall (over prunable matrices) and per matrix, counting every zero.
+
+    ``counts`` (from :func:`zero_counts`, possibly of another process's model) replaces counting ``model``."""
+    counts = zero_counts(model) if counts is None else counts
+    zeros = sum(z for z, _ in counts.values())
+    total = sum(n for _, n in counts.values())
+    return {"target": target, "overall": zeros / total if total else 0.0,
+            "per_matrix": {name: z / n for name, (z, n) in counts.items()}}
 
 
 def dense_zero_count(model: nn.Module) -> int:

@@ -7,8 +7,9 @@ Besides the per-key rules of :mod:`fedspallm.config` it opens what the config po
   Hugging Face directory needs a readable config.json and complete weight files (each safetensors
   header must be covered by its file, sharded indexes must name existing shards);
 - the architecture, built on the meta device (no memory, no weights): every prunable layer's input
-  size must be divisible by M of an N:M pattern, seqlens must fit the context, and the round plan
-  must cover every block (unless ``federation.uncovered`` handles it);
+  size must be divisible by M of an N:M pattern, seqlens must fit the context, and the strategy's
+  plan must be feasible (a round plan must cover every block unless ``federation.uncovered``
+  handles it); the plan is handed to the run, not computed again;
 - local corpora: readable, UTF-8, not empty (parsed once and cached for the run);
 - processes: never more processes than clients, also under ``fabric run --devices N``;
 - ``output.resume``: a readable checkpoint of a run with the same settings.
@@ -48,13 +49,13 @@ from fedspallm.config import (
 )
 from fedspallm.errors import UserError
 
-ROUND_BASED = ("fedspallm", "fedavg", "mask_vote")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 @dataclass
 class Preflight:
     resume: dict[str, Any] | None = None  # the loaded round checkpoint, when resuming
+    plan: Any = None  # the strategy's plan (Strategy.configure), when the model's shape was known offline
 
 
 def same_on_every_rank(err: UserError) -> UserError:
@@ -69,14 +70,15 @@ def preflight(seed: int, model: ModelConfig, data: DataConfig, eval: EvalConfig,
         validate_config(model, data, eval, pruning, federation, output, runtime)
         local_dir, gguf = check_model_files(model)
         skeleton = model_skeleton(model, local_dir, gguf)
+        plan = None
         if skeleton is not None:
-            check_shapes(skeleton, seed, data, eval, pruning, federation)
+            plan = check_shapes(skeleton, seed, data, eval, pruning, federation)
         check_corpora(data, eval)
         resume = check_resume(seed, model, data, pruning, federation, output)
         check_corpus_lengths(local_dir, seed, data, eval, federation)  # tokenizes: the slowest check comes last
     except UserError as err:
         raise same_on_every_rank(err) from None
-    return Preflight(resume=resume)
+    return Preflight(resume=resume, plan=plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,16 +107,18 @@ def validate_config(model: ModelConfig, data: DataConfig, eval: EvalConfig, prun
     validate_federation(federation, data)
     validate_output(output)
     validate_runtime(runtime)
+    from fedspallm.federated.rounds import check_processes
+    from fedspallm.federated.strategies import STRATEGIES, get_strategy
+
+    strategy = get_strategy(federation.strategy)
     processes, flag = launched_processes(runtime)
-    if processes is not None and federation.strategy != "centralized" and processes > federation.num_clients:
-        raise UserError(
-            f"{flag}: {processes} processes but federation.num_clients={federation.num_clients}; every process "
-            "needs at least one client: launch at most that many processes, or add clients"
-        )
-    if federation.strategy not in ROUND_BASED:
+    if processes is not None and strategy.clients_per_process:
+        check_processes(processes, federation.num_clients, how=flag)
+    if not strategy.round_based:
+        round_based = ", ".join(name for name, cls in STRATEGIES.items() if cls.round_based)
         for key, value in (("federation.fail_client", federation.fail_client), ("output.resume", output.resume)):
             if value is not None:
-                raise UserError(f"{key}={value!r}: only for round-based strategies ({', '.join(ROUND_BASED)}), "
+                raise UserError(f"{key}={value!r}: only for round-based strategies ({round_based}), "
                                 f"not federation.strategy={federation.strategy}")
 
 
@@ -243,8 +247,9 @@ def check_lengths(net: nn.Module, data: DataConfig, eval: EvalConfig) -> None:
 
 
 def check_shapes(net: nn.Module, seed: int, data: DataConfig, eval: EvalConfig, pruning: PruningConfig,
-                 federation: FederationConfig) -> None:
-    from fedspallm.federated.rounds import check_coverage, plan_rounds
+                 federation: FederationConfig) -> Any:
+    """Shapes against the config; returns the strategy's plan for this model (checked, e.g. its coverage)."""
+    from fedspallm.federated.strategies import get_strategy
     from fedspallm.models import find_decoder_blocks, get_weight, prunable_modules
 
     check_lengths(net, data, eval)
@@ -258,8 +263,7 @@ def check_shapes(net: nn.Module, seed: int, data: DataConfig, eval: EvalConfig, 
                 f"pruning.pattern={pruning.pattern!r}: M={m} does not divide the input size {size} of {name}; "
                 f"M must divide every prunable layer's input size ({', '.join(map(str, sizes))})"
             )
-    if federation.strategy in ROUND_BASED:
-        check_coverage(plan_rounds(federation, len(find_decoder_blocks(net)), seed), federation)
+    return get_strategy(federation.strategy).configure(federation, len(find_decoder_blocks(net)), seed)
 
 
 # ---------------------------------------------------------------------------------------------

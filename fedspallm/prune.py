@@ -1,8 +1,11 @@
-"""The ``prune`` recipe: centralized, standalone and federated pruning from one entry point."""
+"""The ``prune`` recipe: the driver of every strategy (federated, centralized, standalone) from one entry point.
+
+It loads the model and data, builds the run's one reducer, runs the strategy's steps
+(:func:`fedspallm.federated.driver.run_steps`), evaluates, and writes the run directory.
+"""
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict
 from typing import Any
@@ -10,7 +13,7 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric
 
-from fedspallm.calibration import PruneSpec, prune_sequential
+from fedspallm.calibration import PruneSpec
 from fedspallm.checkpoint import RoundCheckpointer, fingerprint, start_from
 from fedspallm.config import (
     DataConfig,
@@ -22,9 +25,11 @@ from fedspallm.config import (
     RuntimeConfig,
 )
 from fedspallm.data import eval_windows, plan_calibration
-from fedspallm.errors import UserError
-from fedspallm.federated.faults import RoundWatch
-from fedspallm.federated.rounds import FederationOutcome, clients_of_rank, paired_weights, plan_rounds, run_federation
+from fedspallm.federated.collectives import PlainReducer
+from fedspallm.federated.driver import Step, StepLog, run_steps
+from fedspallm.federated.faults import FaultInjection, RoundWatch
+from fedspallm.federated.rounds import check_processes
+from fedspallm.federated.strategies import RunContext, get_strategy
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
 from fedspallm.models import find_decoder_blocks, get_weight, load_model, prunable_modules, set_weight
 from fedspallm.outputs import (
@@ -36,8 +41,8 @@ from fedspallm.outputs import (
     prunable_matrices,
     sparsity_report,
 )
-from fedspallm.preflight import check_lengths, preflight, same_on_every_rank, validate_config
-from fedspallm.reporting import RunReporter
+from fedspallm.preflight import check_lengths, preflight, validate_config
+from fedspallm.reporting import RunReporter, tensorboard_logger
 from fedspallm.runtime import make_fabric, peak_rss_bytes, quiet_libraries
 
 
@@ -65,7 +70,7 @@ def prune(
     runtime: RuntimeConfig = RuntimeConfig(),
     config_yaml: str = "",
 ) -> dict[str, Any]:
-    """Prune a causal LM: federated (fedspallm, fedavg, mask_vote), centralized or standalone.
+    """Prune a causal LM with one of the registered strategies (see --federation.strategy).
 
     Args:
         seed: seeds calibration sampling, client partitions, layer sampling and tie-breaks.
@@ -73,15 +78,13 @@ def prune(
     checks = preflight(seed, model, data, eval, pruning, federation, output, runtime)  # before any weights load
     quiet_libraries()
     started = time.perf_counter()
-    fabric = make_fabric(runtime, federation.collective_timeout_s)
-    strategy = federation.strategy
-    if strategy != "centralized" and fabric.world_size > federation.num_clients:
-        raise same_on_every_rank(UserError(
-            f"{fabric.world_size} processes but federation.num_clients={federation.num_clients}: every process "
-            "needs at least one client; launch fewer devices or add clients"
-        ))
+    fabric = make_fabric(runtime, federation.collective_timeout_s, loggers=[tensorboard_logger(output.dir)])
+    cls = get_strategy(federation.strategy)
+    if cls.clients_per_process:
+        check_processes(fabric.world_size, federation.num_clients)
     torch.manual_seed(seed)
     reporter = RunReporter(fabric, output.dir, runtime.progress)
+    reducer = PlainReducer(fabric)  # the run's one reducer: every cross-process sum goes through it
 
     loaded = load_model(model)
     net, tokenizer = loaded.model, loaded.tokenizer
@@ -98,101 +101,64 @@ def prune(
     load_s = time.perf_counter() - started
     module = CausalLMModule(net)
     prune_started = time.perf_counter()
+
+    ctx = RunContext(net, spec, federation, calibration, seed=seed, rank=fabric.global_rank,
+                     world_size=fabric.world_size, batch_size=runtime.batch_size, device=fabric.device,
+                     offload=pruning.offload, fabric=fabric, eval_datasets=list(eval_sets),
+                     evaluate_local=lambda _: evaluate_all(None, module, eval_sets, eval.batch_size, progress=False))
+    strategy = cls(ctx, checks.plan)  # the plan preflight computed, when it could
     extra: dict[str, Any] = {}
-    bytes_per_round: list[list[int]] = []
-    plan = None
-
-    if strategy == "centralized":
-        if fabric.global_rank == 0:
-            windows = calibration.all_windows()
-            with reporter.blocks(f"{pruning.method} (centralized)", num_blocks) as advance:
-                prune_sequential(net, windows, spec, batch_size=runtime.batch_size, device=fabric.device,
-                                 offload=pruning.offload, on_block=advance)
-        _broadcast_pruned(fabric, net)
-        prune_s = time.perf_counter() - prune_started
-        eval_started = time.perf_counter()
-        perplexity: dict[str, Any] = evaluate_all(fabric, module, eval_sets, eval.batch_size, runtime.progress)
-        eval_s = time.perf_counter() - eval_started
-    elif strategy == "standalone":
-        evaluated = standalone_clients(federation.num_clients, federation.standalone_clients, seed)
-        my_clients = [c for c in clients_of_rank(federation.num_clients, fabric.world_size, fabric.global_rank)
-                      if c in evaluated]
-        windows = calibration.materialize(my_clients)
-        dense_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        scores = torch.zeros(federation.num_clients, len(eval_sets), dtype=torch.float64)
-        eval_s = 0.0
-        for client_id in my_clients:
-            with reporter.blocks(f"client {client_id} (standalone)", num_blocks) as advance:
-                prune_sequential(net, windows[client_id], spec, batch_size=runtime.batch_size, device=fabric.device,
-                                 offload=pruning.offload, on_block=advance)
-            if client_id == evaluated[0]:
-                extra["sparsity"] = sparsity_report(net, spec.sparsity)  # every client prunes to the same target
-            eval_started = time.perf_counter()
-            local = evaluate_all(None, module, eval_sets, eval.batch_size, progress=False)
-            eval_s += time.perf_counter() - eval_started
-            scores[client_id] = torch.tensor(list(local.values()), dtype=torch.float64)
-            net.load_state_dict(dense_state)
-        if fabric.world_size > 1:
-            scores = fabric.all_reduce(scores, reduce_op="sum")
-            owner = next(r for r in range(fabric.world_size)
-                         if evaluated[0] in clients_of_rank(federation.num_clients, fabric.world_size, r))
-            extra["sparsity"] = fabric.broadcast(extra.get("sparsity"), src=owner)
-        perplexity = {}
-        for j, name in enumerate(eval_sets):
-            col = scores[evaluated, j].tolist()
-            perplexity[name] = {"mean": sum(col) / len(col), "min": min(col), "max": max(col), "per_client": col,
-                                "clients": evaluated}
-        prune_s = time.perf_counter() - prune_started - eval_s
-    else:
-        plan = plan_rounds(federation, num_blocks, seed)
-        my_clients = clients_of_rank(federation.num_clients, fabric.world_size, fabric.global_rank)
-        windows = calibration.materialize(my_clients)
-
-        def reduce(tensor: torch.Tensor) -> torch.Tensor:
-            return fabric.all_reduce(tensor, reduce_op="sum") if fabric.world_size > 1 else tensor
-
-        resume = start_from(checks.resume, reporter.bytes_per_round, reporter.client_seconds_per_round)
+    watch, on_step_end = None, None
+    if cls.round_based:
+        resume = start_from(checks.resume)
+        if resume is not None:
+            strategy.resume(resume)
         checkpointer = RoundCheckpointer(fabric, reporter.run_dir, fingerprint(seed, model, data, pruning, federation),
-                                         federation.rounds, reporter.bytes_per_round, output.checkpoint,
-                                         reporter.client_seconds_per_round)
+                                         federation.rounds, output.checkpoint)
+        watch = RoundWatch.for_fabric(fabric, federation.num_clients, federation.rounds,
+                                      federation.collective_timeout_s)
 
-        def round_end(t: int, outcome: FederationOutcome) -> None:
-            reporter.log_round(t, outcome, plan, federation.num_clients, reduce)
-            if t < federation.rounds - 1 and federation.rounds > 1:
+        def on_step_end(step: Step, log: StepLog) -> None:
+            reporter.log_round(log, strategy.plan.samples[step.index], strategy.outcome.masks)
+            if step.index < federation.rounds - 1:
                 ppl = evaluate_all(fabric, module, eval_sets, eval.batch_size, progress=False)
-                reporter.log_metrics({f"perplexity/{k}": v for k, v in ppl.items()}, step=t)
-            checkpointer.after_round(t, outcome)
+                reporter.log_metrics({f"perplexity/{k}": v for k, v in ppl.items()}, step=step.index)
+            checkpointer.after_round(step.index, strategy.outcome)
 
-        watch = RoundWatch.for_fabric(fabric, federation.num_clients, federation.rounds, federation.collective_timeout_s)
-        with reporter.rounds(federation.rounds, len(my_clients), num_blocks) as hooks:
-            outcome = run_federation(
-                net, windows, spec, federation, plan, reduce, seed=seed, batch_size=runtime.batch_size,
-                device=fabric.device, offload=pruning.offload,
-                on_round_end=lambda t, o: (round_end(t, o), hooks.round_done()),
-                on_client_block=hooks.client_block, watch=watch, resume=resume,
-            )
-        bytes_per_round = reporter.bytes_per_round
-        extra["client_seconds_per_round"] = reporter.client_seconds_per_round
-        extra["collective_time_s"] = outcome.collective_time_s
-        extra["uncovered_blocks"] = outcome.uncovered
-        extra["samples"] = plan.samples
-        extra["blocks_per_client"] = plan.blocks_per_client
-        extra["budgets"] = plan.budgets
+    with reporter.steps("rounds" if cls.round_based else federation.strategy, len(strategy.steps()),
+                        num_blocks) as hooks:
+        def step_end(step: Step, log: StepLog) -> None:
+            if on_step_end is not None:
+                on_step_end(step, log)
+            hooks.step_done()
+
+        run_steps(strategy, reducer, watch=watch, faults=FaultInjection.from_config(federation),
+                  on_client_block=hooks.client_block, on_step_end=step_end)
+    summary = strategy.summary()
+    inner_eval_s = summary.pop("eval_s", 0.0)
+    prune_s = time.perf_counter() - prune_started - inner_eval_s
+    eval_started = time.perf_counter()
+    if "perplexity" in summary:
+        perplexity: dict[str, Any] = summary.pop("perplexity")
+    else:
+        perplexity = evaluate_all(fabric, module, eval_sets, eval.batch_size, runtime.progress)
+        if federation.paired_aggregation is not None:
+            extra["paired"] = _evaluate_paired(fabric, net, module, eval_sets, eval.batch_size, strategy, spec,
+                                               federation.paired_aggregation)
+    eval_s = time.perf_counter() - eval_started + inner_eval_s
+    if cls.round_based:
+        reporter.log_metrics({f"perplexity/{k}": v for k, v in perplexity.items()}, step=federation.rounds - 1)
+        extra.update(summary)
         extra["checkpoint"] = str(checkpointer.path) if checkpointer.path else None
         extra["resumed_from"] = ({"checkpoint": output.resume, "completed_rounds": checks.resume["completed_rounds"]}
                                  if checks.resume else None)
-        prune_s = time.perf_counter() - prune_started
-        eval_started = time.perf_counter()
-        perplexity = evaluate_all(fabric, module, eval_sets, eval.batch_size, runtime.progress)
-        if federation.paired_aggregation is not None:
-            extra["paired"] = _evaluate_paired(fabric, net, module, eval_sets, eval.batch_size, outcome, federation,
-                                               spec)
-        eval_s = time.perf_counter() - eval_started
-        reporter.log_metrics({f"perplexity/{k}": v for k, v in perplexity.items()}, step=federation.rounds - 1)
+    else:
+        extra.update(summary)
+    bytes_per_round = strategy.upload_per_client_per_round()
 
     sparsity = extra.pop("sparsity", None) or sparsity_report(net, spec.sparsity)
     results: dict[str, Any] = {
-        "strategy": strategy,
+        "strategy": federation.strategy,
         "pruning": {"method": pruning.method, "sparsity": spec.sparsity, "pattern": pruning.pattern},
         "num_clients": federation.num_clients,
         "rounds": federation.rounds,
@@ -216,17 +182,18 @@ def prune(
         "peak_rss_bytes": peak_rss_bytes(),
         **extra,
     }
-    peaks = fabric.all_reduce(torch.tensor([results["peak_rss_bytes"]], dtype=torch.float64), reduce_op="max") \
-        if fabric.world_size > 1 else None
-    if peaks is not None:
-        results["peak_rss_bytes_max_process"] = int(peaks.item())
+    if fabric.world_size > 1:
+        peaks = torch.zeros(fabric.world_size, dtype=torch.int64)
+        peaks[fabric.global_rank] = results["peak_rss_bytes"]
+        peaks = reducer.sum({"peak_rss_bytes": peaks}, kind="metadata", tag="end")["peak_rss_bytes"]
+        results["peak_rss_bytes_max_process"] = int(peaks.max())
     if fabric.global_rank == 0:
         run_dir = reporter.run_dir
         results["model_dir"] = None
-        if output.save_model and strategy != "standalone":  # standalone has one model per client, none global
+        if output.save_model and cls.exports_model:  # standalone has one model per client, none global
             card = model_card(results, config_yaml)
             results["model_dir"] = str(export_hf(net, tokenizer, run_dir / "model", card))
-        if output.save_compressed and strategy != "standalone":
+        if output.save_compressed and cls.exports_model:
             from fedspallm.compressed import save_compressed
 
             path = save_compressed(net, run_dir / "model_compressed.safetensors")
@@ -243,13 +210,11 @@ def prune(
 
 
 def _evaluate_paired(fabric: Fabric, net: torch.nn.Module, module: CausalLMModule, eval_sets: dict[str, torch.Tensor],
-                     batch_size: int, outcome: FederationOutcome, federation: FederationConfig,
-                     spec: PruneSpec) -> dict[str, Any]:
+                     batch_size: int, strategy: Any, spec: PruneSpec, method: str) -> dict[str, Any]:
     """Perplexity and sparsity of the model the other aggregation rule makes of the same uploads; the model
     is left as it was (the primary aggregate is what gets exported)."""
-    method = federation.paired_aggregation
     layers = prunable_modules(net)
-    alternative = paired_weights(outcome, federation, spec, method, next(net.parameters()).dtype)
+    alternative = strategy.paired_weights(method)
     primary = {name: get_weight(layers[name]).detach().clone() for name in alternative}
     for name, weight in alternative.items():
         set_weight(layers[name], weight)
@@ -260,18 +225,3 @@ def _evaluate_paired(fabric: Fabric, net: torch.nn.Module, module: CausalLMModul
         for name, weight in primary.items():
             set_weight(layers[name], weight)
     return {"aggregation": method, "perplexity": perplexity, "sparsity_overall": overall}
-
-
-def standalone_clients(num_clients: int, sample: int | None, seed: int) -> list[int]:
-    """The clients a standalone run prunes: all of them, or ``sample`` of them drawn with the seed."""
-    if sample is None or sample >= num_clients:
-        return list(range(num_clients))
-    return sorted(random.Random(f"fedspallm/standalone/{seed}").sample(range(num_clients), sample))
-
-
-def _broadcast_pruned(fabric: Fabric, net: torch.nn.Module) -> None:
-    """Centralized pruning runs on rank 0; the others need the same weights for data-parallel evaluation."""
-    if fabric.world_size == 1:
-        return
-    for layer in prunable_modules(net).values():
-        torch.distributed.broadcast(layer.weight.data, src=0)

@@ -1,4 +1,4 @@
-"""Progress (rank 0 only), TensorBoard scalars and images, and the closing summary table."""
+"""Progress (rank 0 only), TensorBoard scalars and images, and the closing summary table; figures in, no collectives."""
 
 from __future__ import annotations
 
@@ -28,35 +28,46 @@ def split_matrix_name(name: str) -> tuple[int, str]:
     return int(match.group(1)), match.group(2)
 
 
-class _RoundHooks:
-    def __init__(self, progress: Progress | None, rounds_task: Any, blocks_task: Any) -> None:
-        self._progress, self._rounds, self._blocks = progress, rounds_task, blocks_task
+class _StepHooks:
+    def __init__(self, progress: Progress | None, steps_task: Any, blocks_task: Any) -> None:
+        self._progress, self._steps, self._blocks = progress, steps_task, blocks_task
 
     def client_block(self, client: int, index: int, total: int) -> None:
         if self._progress is not None:
             self._progress.update(self._blocks, completed=index + 1, total=total, description=f"client {client} blocks")
 
-    def round_done(self) -> None:
+    def step_done(self) -> None:
         if self._progress is not None:
-            self._progress.advance(self._rounds)
+            self._progress.advance(self._steps)
+
+
+def tensorboard_logger(root_dir: str) -> TensorBoardLogger:
+    """The run's logger, to hand to Fabric (``loggers=[...]``); it makes ``root_dir/version_N`` on rank 0."""
+    return TensorBoardLogger(root_dir=root_dir, name="")
 
 
 class RunReporter:
-    """Rank 0 owns ``lightning_logs/version_N``; every rank may call the collective ``log_round``."""
+    """Rank 0 owns ``lightning_logs/version_N``. The reporter receives figures; it runs no collective.
+
+    Scalars go through Fabric's loggers (``fabric.log_dict``) when Fabric was given a
+    :class:`TensorBoardLogger` (see :func:`tensorboard_logger`); text, per-matrix scalars and figures
+    through that logger's writer, on rank 0.
+    """
 
     def __init__(self, fabric: Fabric, root_dir: str, progress: bool = True) -> None:
         self.fabric = fabric
         self.rank_zero = fabric.global_rank == 0
-        self.logger: TensorBoardLogger | None = None
+        ours = [logger for logger in fabric.loggers if isinstance(logger, TensorBoardLogger)]
+        self._through_fabric = bool(ours)
+        self.logger: TensorBoardLogger | None = ours[0] if ours else None
         self.run_dir: Path | None = None
         if self.rank_zero:
-            self.logger = TensorBoardLogger(root_dir=root_dir, name="")
+            if self.logger is None:
+                self.logger = tensorboard_logger(root_dir)
             self.run_dir = Path(self.logger.log_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = Console(stderr=True)
         self.show_progress = progress and self.rank_zero
-        self.bytes_per_round: list[list[int]] = []  # [round][client] upload bytes
-        self.client_seconds_per_round: list[list[float]] = []  # [round][client] local pruning time
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -72,50 +83,44 @@ class RunReporter:
             yield lambda index, _total: progress.update(task, completed=index + 1)
 
     @contextmanager
-    def rounds(self, num_rounds: int, num_local_clients: int, num_blocks: int) -> Iterator[_RoundHooks]:
+    def steps(self, label: str, num_steps: int, num_blocks: int) -> Iterator[_StepHooks]:
+        """A bar over the strategy's steps and one over the current client's blocks."""
         if not self.show_progress:
-            yield _RoundHooks(None, None, None)
+            yield _StepHooks(None, None, None)
             return
         with self._progress() as progress:
-            rounds_task = progress.add_task("rounds", total=num_rounds)
+            steps_task = progress.add_task(label, total=num_steps)
             blocks_task = progress.add_task("client blocks", total=num_blocks)
-            yield _RoundHooks(progress, rounds_task, blocks_task)
+            yield _StepHooks(progress, steps_task, blocks_task)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.logger is not None:
+        if self._through_fabric:
+            self.fabric.log_dict(metrics, step=step)
+        elif self.rank_zero and self.logger is not None:
             self.logger.log_metrics(metrics, step=step)
 
-    def log_round(self, t: int, outcome: Any, plan: Any, num_clients: int,
-                  reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Collective: gathers every client's upload bytes and local time for round t, then logs on rank 0."""
-        log = outcome.rounds[t]
-        sent = torch.zeros(num_clients, dtype=torch.int64)
-        seconds = torch.zeros(num_clients, dtype=torch.float64)
-        for client, value in log.upload_bytes.items():
-            sent[client] = value
-        for client, value in log.client_seconds.items():
-            seconds[client] = value
-        sent, seconds = reduce(sent), reduce(seconds)
-        self.bytes_per_round.append(sent.tolist())
-        self.client_seconds_per_round.append(seconds.tolist())
-        if self.logger is None:
-            return
-        metrics = {f"bytes/client_{c}": float(v) for c, v in enumerate(sent.tolist())}
-        metrics.update({f"time/client_{c}_s": float(v) for c, v in enumerate(seconds.tolist())})
+    def log_round(self, log: Any, samples: list[list[int]], masks: dict[str, torch.Tensor]) -> None:
+        """Round ``log.index``'s figures: every client's upload bytes and local time (a StepLog), the
+        blocks each client pruned, and the global masks so far."""
+        t = log.index
+        metrics = {f"bytes/client_{c}": float(v) for c, v in enumerate(log.upload_bytes)}
+        metrics.update({f"time/client_{c}_s": float(v) for c, v in enumerate(log.client_seconds)})
         metrics["time/round_s"] = log.wall_time_s
         metrics["time/aggregate_s"] = log.aggregate_time_s
-        for c, blocks in enumerate(plan.samples[t]):
+        for c, blocks in enumerate(samples):
             metrics[f"blocks_pruned/client_{c}"] = float(len(blocks))
-        self.logger.log_metrics(metrics, step=t)
-        text = "\n".join(f"client {c}: {blocks}" for c, blocks in enumerate(plan.samples[t]))
+        self.log_metrics(metrics, step=t)
+        if not self.rank_zero:
+            return
+        text = "\n".join(f"client {c}: {blocks}" for c, blocks in enumerate(samples))
         self.logger.experiment.add_text("sampled_blocks", text.replace("\n", "  \n"), global_step=t)
-        for name, mask in outcome.masks.items():
+        for name, mask in masks.items():
             block, module = split_matrix_name(name)
             self.logger.experiment.add_scalar(f"sparsity_by_round/block_{block}/{module}",
                                               1.0 - mask.float().mean().item(), global_step=t)
 
     def log_sparsity(self, report: dict[str, Any]) -> None:
-        if self.logger is None:
+        if not self.rank_zero:
             return
         per_matrix = report["per_matrix"]
         for name, value in per_matrix.items():
@@ -142,7 +147,7 @@ class RunReporter:
         Console().print(f"run directory: {self.run_dir}")
 
     def close(self) -> None:
-        if self.logger is not None:
+        if self.rank_zero:
             self.logger.finalize("success")
 
 

@@ -25,6 +25,7 @@ from fedspallm.calibration import PruneSpec, prune_sequential
 from fedspallm.config import FederationConfig
 from fedspallm.errors import UserError
 from fedspallm.federated.faults import ClientFailure, RoundWatch
+from fedspallm.federated.collectives import PlainReducer
 from fedspallm.federated.rounds import plan_rounds, run_federation
 from fedspallm.models import find_decoder_blocks, get_weight, prunable_modules
 
@@ -188,7 +189,7 @@ def test_nan_in_a_federated_round_names_the_client_round_and_layer():
     with pytest.raises(ClientFailure, match=r"^round 1/1 failed: client 0 \(rank 0\) failed: "
                                             r"model\.layers\.1\.self_attn\.q_proj: hessian: contains NaN or inf$"):
         run_federation(model, {0: random_windows(n=2), 1: random_windows(n=2, seed=1)}, PruneSpec("sparsegpt", 0.5),
-                       cfg, plan, lambda t: t, batch_size=2)
+                       cfg, plan, PlainReducer(), batch_size=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -210,7 +211,7 @@ def test_half_precision_models_keep_statistics_in_float32(dtype, monkeypatch):
         cfg = FederationConfig(num_clients=2, rounds=1, sampling="all")
         plan = plan_rounds(cfg, len(find_decoder_blocks(model)), seed=0)
         outcome = run_federation(model, {0: random_windows(n=2), 1: random_windows(n=2, seed=1)},
-                                 PruneSpec(method, 0.5), cfg, plan, lambda t: t, batch_size=2)
+                                 PruneSpec(method, 0.5), cfg, plan, PlainReducer(), batch_size=2)
         for name, layer in prunable_modules(model).items():
             weight, mask = get_weight(layer), outcome.masks[name]
             assert weight.dtype == dtype and torch.isfinite(weight).all(), name

@@ -9,12 +9,9 @@ from conftest import make_tiny_model, random_windows
 from fedspallm.calibration import PruneSpec, prune_sequential
 from fedspallm.config import FederationConfig
 from fedspallm.errors import UserError
+from fedspallm.federated.collectives import PlainReducer
 from fedspallm.federated.rounds import clients_of_rank, plan_rounds, run_federation
 from fedspallm.models import find_decoder_blocks, get_weight, prunable_modules
-
-
-def identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -24,7 +21,7 @@ def weights(model) -> dict[str, torch.Tensor]:
 def federate(model, client_windows, spec, **overrides):
     cfg = FederationConfig(**{"num_clients": len(client_windows), **overrides})
     plan = plan_rounds(cfg, len(find_decoder_blocks(model)), seed=0)
-    return run_federation(model, client_windows, spec, cfg, plan, identity, batch_size=4), plan
+    return run_federation(model, client_windows, spec, cfg, plan, PlainReducer(), batch_size=4), plan
 
 
 def test_one_client_all_blocks_one_round_is_centralized_sparsegpt_exactly():
@@ -193,3 +190,28 @@ def test_clients_are_spread_contiguously_and_world_larger_than_clients_is_refuse
     assert [clients_of_rank(16, 4, r) for r in range(4)][3] == [12, 13, 14, 15]
     with pytest.raises(UserError, match="every process needs at least one client"):
         clients_of_rank(2, 4, 0)
+
+
+def test_mask_vote_breaks_ties_with_a_stream_of_its_own_per_matrix():
+    """Every position tied (2 contributors, each kept every weight once): the pruned half is drawn at random,
+    and two matrices of the same shape must not get the same draw; the same run draws the same again."""
+    from fedspallm.federated.rounds import ClientWindows
+    from fedspallm.federated.strategies import RunContext, Step, get_strategy
+
+    def masks():
+        model = make_tiny_model("llama")
+        cfg = FederationConfig(strategy="mask_vote", num_clients=1, sampling="all")
+        strategy = get_strategy("mask_vote")(RunContext(model, PruneSpec("magnitude", 0.5), cfg,
+                                                        ClientWindows({0: random_windows(n=2)})))
+        names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+        shape = get_weight(prunable_modules(model)[names[0]]).shape
+        sums = {"keep_count": {n: torch.ones(shape, dtype=torch.int32) for n in names},
+                "contributors": {n: torch.tensor([2]) for n in names}}
+        strategy.aggregate(Step(0, "round 1"), sums)
+        return [strategy.outcome.masks[n] for n in names]
+
+    first, second = masks()
+    assert first.shape == second.shape and int((~first).sum()) == int((~second).sum()) == first.numel() // 2
+    assert not torch.equal(first, second)
+    again = masks()
+    assert torch.equal(again[0], first) and torch.equal(again[1], second)

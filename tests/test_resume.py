@@ -25,6 +25,7 @@ from fedspallm.checkpoint import (
 )
 from fedspallm.config import DataConfig, FederationConfig, ModelConfig, PruningConfig
 from fedspallm.errors import UserError
+from fedspallm.federated.collectives import PlainReducer
 from fedspallm.federated.rounds import plan_rounds, run_federation
 from fedspallm.models import find_decoder_blocks, get_weight, prunable_modules
 
@@ -43,7 +44,7 @@ def _federate(cfg: FederationConfig, spec: PruneSpec, *, resume=None, on_round_e
     model = make_tiny_model("llama")
     clients = {c: random_windows(n=2, seed=c) for c in range(cfg.num_clients)}
     plan = plan_rounds(cfg, len(find_decoder_blocks(model)), seed=0)
-    outcome = run_federation(model, clients, spec, cfg, plan, lambda t: t, batch_size=2, resume=resume,
+    outcome = run_federation(model, clients, spec, cfg, plan, PlainReducer(), batch_size=2, resume=resume,
                              on_round_end=on_round_end)
     return model, outcome
 
@@ -61,9 +62,12 @@ def test_resume_after_round_one_of_three_is_bitwise_identical(overrides, tmp_pat
 
     saved = tmp_path / CHECKPOINT_NAME
 
+    first_round: list[list[int]] = []
+
     def crash_in_round_two(t, outcome):
         if t == 0:
-            torch.save(checkpoint_state(outcome, {"seed": 0}, [[1, 2, 3]], cfg.rounds), saved)
+            first_round.append(outcome.rounds[0].upload_bytes)
+            torch.save(checkpoint_state(outcome, {"seed": 0}, cfg.rounds), saved)
         else:
             raise Interrupted
 
@@ -71,9 +75,9 @@ def test_resume_after_round_one_of_three_is_bitwise_identical(overrides, tmp_pat
         _federate(cfg, spec, on_round_end=crash_in_round_two)
     state = load_checkpoint(str(tmp_path), {"seed": 0}, cfg.rounds)
     assert state["completed_rounds"] == 1
-    log: list[list[int]] = []
-    resumed, outcome = _federate(cfg, spec, resume=start_from(state, log))
-    assert log == [[1, 2, 3]] and outcome.completed_rounds == 3 and len(outcome.rounds) == 3
+    resumed, outcome = _federate(cfg, spec, resume=start_from(state))
+    assert outcome.completed_rounds == 3 and len(outcome.rounds) == 3
+    assert outcome.rounds[0].upload_bytes == first_round[0] and all(first_round[0])  # the round log came back
     for name, weight in _weights(whole).items():
         assert torch.equal(weight, _weights(resumed)[name]), name
 
@@ -82,16 +86,16 @@ def test_a_checkpoint_of_the_last_round_resumes_to_the_same_model(tmp_path):
     cfg = FederationConfig(num_clients=2, rounds=2)
     spec = PruneSpec("magnitude", 0.5)
     states = []
-    whole, _ = _federate(cfg, spec, on_round_end=lambda t, o: states.append(checkpoint_state(o, {}, [], 2)))
+    whole, _ = _federate(cfg, spec, on_round_end=lambda t, o: states.append(checkpoint_state(o, {}, 2)))
     torch.save(states[-1], tmp_path / CHECKPOINT_NAME)
-    resumed, _ = _federate(cfg, spec, resume=start_from(load_checkpoint(str(tmp_path), {}, 2), []))
+    resumed, _ = _federate(cfg, spec, resume=start_from(load_checkpoint(str(tmp_path), {}, 2)))
     for name, weight in _weights(whole).items():
         assert torch.equal(weight, _weights(resumed)[name]), name
 
 
 def test_resume_refuses_other_settings_with_one_line(tmp_path):
     args = (0, ModelConfig(), DataConfig(), PruningConfig(), FederationConfig(rounds=3))
-    torch.save({"format": 1, "fingerprint": fingerprint(*args), "completed_rounds": 2}, tmp_path / CHECKPOINT_NAME)
+    torch.save({"format": 2, "fingerprint": fingerprint(*args), "completed_rounds": 2}, tmp_path / CHECKPOINT_NAME)
     other = fingerprint(0, ModelConfig(), DataConfig(), PruningConfig(sparsity=0.5), FederationConfig(rounds=3))
     with pytest.raises(UserError, match=r"pruning\.sparsity=0\.5 differs from the checkpointed run's 0\.7"):
         load_checkpoint(str(tmp_path), other, 3)
@@ -169,3 +173,27 @@ def test_interrupted_run_resumes_to_the_same_checksum(tiny_model_dir, tmp_path):
     assert got == expected
     whole_results = json.loads((tmp_path / "whole" / "version_0" / "results.json").read_text())
     assert results["bytes"]["upload_per_client_per_round"] == whole_results["bytes"]["upload_per_client_per_round"]
+
+
+def test_resume_with_more_rounds_aggregates_the_blocks_the_new_rounds_cover(tmp_path):
+    """Seed 1, one client pruning one of 3 blocks per round: rounds 1-2 leave blocks 0 and 1 uncovered, round 3
+    covers block 0. Resumed from the 2-round run's last checkpoint, block 0 must be the client's, not magnitude's."""
+    spec = PruneSpec("wanda", 0.5)
+
+    def run(rounds, resume=None, on_round_end=None):
+        cfg = FederationConfig(num_clients=1, rounds=rounds, budgets=[0.34], sampling="uniform", uncovered="magnitude")
+        model = make_tiny_model("llama")
+        plan = plan_rounds(cfg, len(find_decoder_blocks(model)), seed=1)
+        outcome = run_federation(model, {0: random_windows(n=2)}, spec, cfg, plan, PlainReducer(), seed=1,
+                                 batch_size=2, resume=resume, on_round_end=on_round_end)
+        return model, outcome
+
+    states = []
+    _, two = run(2, on_round_end=lambda t, o: states.append(checkpoint_state(o, {}, 2)))
+    assert two.uncovered == [0, 1]
+    torch.save(states[-1], tmp_path / CHECKPOINT_NAME)
+    whole, three = run(3)
+    resumed, outcome = run(3, resume=start_from(load_checkpoint(str(tmp_path), {}, 3)))
+    assert three.uncovered == outcome.uncovered == [1]
+    for name, weight in _weights(whole).items():
+        assert torch.equal(weight, _weights(resumed)[name]), name

@@ -30,7 +30,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -86,6 +86,37 @@ def inject_fault(mode: str, client: int, round_index: int) -> None:
         os._exit(1)
     while True:
         time.sleep(0.5)
+
+
+class FaultInjection:
+    """A test feature, installed by the driver around the client work (``federation.fail_client``).
+
+    Client ``client`` dies (``exit``) or stops making progress (``hang``) in round ``round_index``
+    (1-based), after pruning its first block: mid-round, with its peers at work or waiting.
+    """
+
+    def __init__(self, client: int, round_index: int, mode: str) -> None:
+        self.client, self.round_index, self.mode = client, round_index, mode
+
+    @classmethod
+    def from_config(cls, federation: Any) -> FaultInjection | None:
+        if federation.fail_client is None:
+            return None
+        return cls(federation.fail_client, federation.fail_round, federation.fail_mode)
+
+    def wrap(self, client_update: Callable[[Any, int, Any], int]) -> Callable[[Any, int, Any], int]:
+        def update(step: Any, client: int, on_block: Callable[[int, int], None] | None) -> int:
+            if client != self.client or step.index + 1 != self.round_index:
+                return client_update(step, client, on_block)
+
+            def failing(index: int, total: int) -> None:
+                if on_block is not None:
+                    on_block(index, total)
+                inject_fault(self.mode, client, step.index)
+
+            return client_update(step, client, failing)
+
+        return update
 
 
 class RoundWatch:
