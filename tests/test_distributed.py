@@ -32,7 +32,10 @@ def tiny_args(model_dir: str, out: Path, *extra: str) -> list[str]:
 
 
 def run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    port = str(free_port())
+    if command[:2] == [FABRIC, "run"] and "--main-port" not in command:  # not fabric's fixed 29400: runs in parallel
+        command = [*command[:2], "--main-port", port, *command[2:]]
+    env = {**os.environ, "MASTER_PORT": port}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

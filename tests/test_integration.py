@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +48,17 @@ def test_dense_perplexity_of_the_default_model_on_its_test_split_matches_a_direc
     assert 5 < reported < 100  # an instruct model of this size on encyclopaedic text
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_federated_run_on_the_default_model_with_two_processes(tmp_path):
     out = tmp_path / "fed"
     command = [
-        FABRIC, "run", "--devices", "2", MAIN, "--config", str(REPO / "configs" / "default.yaml"),
+        FABRIC, "run", "--main-port", str(free_port()), "--devices", "2", MAIN, "--config",
+        str(REPO / "configs" / "default.yaml"),
         "--pruning.sparsity", "0.5", "--data.nsamples", "8", "--data.seqlen", "128",
         "--eval.seqlen", "256", "--eval.max_windows", "4", "--runtime.progress", "false",
         "--output.dir", str(out),
