@@ -8,6 +8,7 @@ from typing import Any
 from fedspallm.config import EvalConfig, ModelConfig, RuntimeConfig, validate_eval, validate_model, validate_runtime
 from fedspallm.data import eval_windows
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
+from fedspallm.environment import describe_environment
 from fedspallm.models import context_length, load_model
 from fedspallm.outputs import atomic_write_json, sparsity_report
 from fedspallm.reporting import RunReporter
@@ -58,6 +59,7 @@ def validate(
     }
     if fabric.global_rank == 0:
         reporter.log_metrics({f"perplexity/{k}": v for k, v in perplexity.items()}, step=0)
+        results["environment"] = describe_environment(loaded.source)
         atomic_write_json(reporter.run_dir / "results.json", results)
         if config_yaml:
             (reporter.run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")

@@ -55,6 +55,7 @@ from fedspallm.data import even_split, eval_windows, plan_calibration, token_str
 from fedspallm.errors import UserError
 from fedspallm.federated.rounds import clients_of_rank
 from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor, parse_trainable
+from fedspallm.environment import describe_environment
 from fedspallm.models import context_length, load_model, prunable_modules
 from fedspallm.outputs import atomic_write_json, export_hf, sparsity_report
 from fedspallm.preflight import same_on_every_rank
@@ -450,6 +451,7 @@ def finetune(
         **outcome.get("extra", {}),
     }
     if fabric.global_rank == 0:
+        results["environment"] = describe_environment(loaded.source)
         _finish(results, net, tokenizer, reporter, output, config_yaml, started)
     fabric.barrier()
     return results

@@ -31,6 +31,7 @@ from fedspallm.federated.faults import FaultInjection, RoundWatch
 from fedspallm.federated.rounds import check_processes
 from fedspallm.federated.strategies import RunContext, get_strategy
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
+from fedspallm.environment import describe_environment
 from fedspallm.models import find_decoder_blocks, get_weight, load_model, prunable_modules, set_weight
 from fedspallm.outputs import (
     atomic_write_json,
@@ -199,6 +200,7 @@ def prune(
             path = save_compressed(net, run_dir / "model_compressed.safetensors")
             results["compressed_path"] = str(path)
         results["wall_time_s"] = time.perf_counter() - started
+        results["environment"] = describe_environment(loaded.source)
         atomic_write_json(run_dir / "results.json", results)
         if config_yaml:
             (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")

@@ -7,6 +7,7 @@ FedSpaLLM + SparseGPT at 70%, and centralized magnitude at 50% (no exports, for 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -85,7 +86,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 # results.json
 
 
-def test_results_json_has_every_design_key(run_dir, results):
+def test_results_json_has_every_design_key(run_dir, results, tiny_model_dir):
     assert results["strategy"] == "fedspallm"
     assert results["pruning"] == {"method": "sparsegpt", "sparsity": SPARSITY, "pattern": "unstructured"}
     assert results["num_clients"] == NUM_CLIENTS and results["rounds"] == 1 and results["seed"] == 0
@@ -105,6 +106,10 @@ def test_results_json_has_every_design_key(run_dir, results):
     assert results["peak_rss_bytes"] > 0
     assert Path(results["model_dir"]) == run_dir / "model"
     assert (run_dir / "config.yaml").is_file()
+    environment = results["environment"]
+    weights = Path(tiny_model_dir) / "model.safetensors"
+    assert environment["model_files_sha256"]["model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert environment["libraries"]["torch"] == torch.__version__ and environment["torch_threads"] >= 1
 
 
 # ------------------------------------------------------------------------------------------------
