@@ -16,8 +16,9 @@ Federated mode (FedAvg): in every round each client starts from the global weigh
 ``training_step`` / ``configure_optimizers``; a fresh optimizer per client and round, the learning
 rate following one schedule over all rounds). The server's average is weighted by each client's
 number of windows, ``W = Σ n_i·W_i / Σ n_i``: every process adds ``n_i·W_i`` of its clients in
-float64 and ``all_reduce(SUM)``s the sums, parameter by parameter, so every process ends with the
-same weights. Only the trainable parameters travel (the frozen ones never change); no gradient
+float64 (the federation's summable :class:`~fedspallm.federated.aggregation.WeightedSum`) and sums
+them over processes through the run's reducer (kind ``fit_weights``, one collective per bucket), so
+every process ends with the same weights. Only the trainable parameters travel (the frozen ones never change); no gradient
 crosses a process boundary.
 """
 
@@ -25,9 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -53,13 +53,15 @@ from fedspallm.config import (
 )
 from fedspallm.data import even_split, eval_windows, plan_calibration, token_stream
 from fedspallm.errors import UserError
-from fedspallm.federated.rounds import clients_of_rank
+from fedspallm.federated.aggregation import WeightedSum, weighted_average
+from fedspallm.federated.collectives import PlainReducer, Reducer
+from fedspallm.federated.rounds import check_processes, clients_of_rank
 from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor, parse_trainable
 from fedspallm.environment import describe_environment
 from fedspallm.models import context_length, load_model, prunable_modules
 from fedspallm.outputs import atomic_write_json, export_hf, sparsity_report
-from fedspallm.preflight import same_on_every_rank
-from fedspallm.reporting import RunReporter
+from fedspallm.preflight import launched_processes, same_on_every_rank
+from fedspallm.reporting import RunReporter, tensorboard_logger
 from fedspallm.runtime import make_fabric, peak_rss_bytes, quiet_libraries
 
 
@@ -94,16 +96,6 @@ def validate_fit(cfg: FitConfig) -> None:
     if not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
         raise UserError(f"fit.alpha={cfg.alpha}: must be > 0")
     parse_trainable(cfg.trainable)
-
-
-def _launched_processes(runtime: RuntimeConfig) -> int:
-    """How many processes this run has (``fabric run``'s flags win over ``runtime``)."""
-    from lightning.fabric.connector import _is_using_cli
-
-    if _is_using_cli():
-        devices = os.environ.get("LT_DEVICES", "1")
-        return (int(devices) if devices.isdigit() else 2) * int(os.environ.get("LT_NUM_NODES", "1"))
-    return runtime.devices * runtime.num_nodes
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -189,43 +181,14 @@ def compare_zero_sets(before: Mapping[str, np.ndarray], after: Mapping[str, np.n
             "new_zeros": new, "zeros_before": zeros_before, "zeros_after": zeros_after}
 
 
-class FedAvgSum:
-    """Σ n_i·W_i and Σ n_i over clients, in float64; ``average`` divides after an optional reduce.
-
-    The collective form reduces the sums with ``all_reduce(SUM)`` (float64 sums of float32 values
-    times small integers), so every process computes the same average.
-    """
-
-    def __init__(self) -> None:
-        self.sums: list[torch.Tensor] | None = None
-        self.weight = 0.0
-
-    def add(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
-        if weight < 0:
-            raise ValueError(f"FedAvg weight {weight} is negative")
-        scaled = [t.detach().double() * weight for t in tensors]
-        self.sums = scaled if self.sums is None else [s.add_(x) for s, x in zip(self.sums, scaled)]
-        self.weight += weight
-
-    def average(self, like: Sequence[torch.Tensor],
-                reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> list[torch.Tensor]:
-        """The weighted average in the dtype of ``like``; ``reduce`` sums across processes."""
-        total = float(reduce(torch.tensor([self.weight], dtype=torch.float64)).item())
-        if total <= 0:
-            raise ValueError("FedAvg over a total weight of 0")
-        sums = self.sums if self.sums is not None else [torch.zeros(t.shape, dtype=torch.float64) for t in like]
-        return [(reduce(s) / total).to(t.dtype) for s, t in zip(sums, like)]
-
-
 def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """FedAvg of client states: ``Σ w_i·state_i[k] / Σ w_i`` for every key, computed in float64."""
     if len(states) != len(weights) or not states:
         raise ValueError("fedavg needs one weight per state, and at least one state")
-    keys = list(states[0])
-    acc = FedAvgSum()
+    acc = WeightedSum()
     for state, weight in zip(states, weights):
-        acc.add([state[k] for k in keys], weight)
-    return dict(zip(keys, acc.average([states[0][k] for k in keys])))
+        acc.add(state, weight)
+    return weighted_average(acc.tensors(), states[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,12 +294,13 @@ def check_settings(model: ModelConfig, fit: FitConfig, eval: EvalConfig, output:
     if _same_file(fit.dataset, val_name):
         raise UserError(f"fit.val_dataset={val_name!r} is the training file; a local file has no held-out split, "
                         "so pass a different file as fit.val_dataset (or first in eval.datasets)")
-    processes = _launched_processes(runtime)
+    processes, how = launched_processes(runtime)
+    processes = 2 if processes is None else processes  # not a plain number (e.g. devices "auto"): several
     if not fit.federated and processes > 1:
         raise UserError(f"{processes} processes, but local fine-tuning runs in one process: set fit.federated=true "
                         "to spread clients over processes, or launch a single process")
-    if fit.federated and processes > fit.num_clients:
-        raise UserError(f"{processes} processes but fit.num_clients={fit.num_clients}: every process needs a client")
+    if fit.federated:
+        check_processes(processes, fit.num_clients, key="fit.num_clients", how=how)
     return val_name
 
 
@@ -366,7 +330,7 @@ def finetune(
         raise same_on_every_rank(err) from None
     quiet_libraries()
     started = time.perf_counter()
-    fabric = make_fabric(runtime)
+    fabric = make_fabric(runtime, loggers=[tensorboard_logger(output.dir)])
     torch.manual_seed(seed)
     reporter = RunReporter(fabric, output.dir, runtime.progress)
 
@@ -400,7 +364,7 @@ def finetune(
     train_started = time.perf_counter()
     if fit.federated:
         outcome = _fit_federated(fabric, module, fit, runtime, windows, val_windows, val_before, eval.batch_size,
-                                 tokenizer, reporter, seed)
+                                 tokenizer, reporter, PlainReducer(fabric), seed)
     else:
         outcome = _fit_local(module, fit, runtime, windows, val_windows, val_before, eval.batch_size, reporter,
                              output.dir, seed)
@@ -465,7 +429,7 @@ def _fit_local(module: CausalLMModule, cfg: FitConfig, runtime: RuntimeConfig, w
                val_windows: torch.Tensor, val_before: float, val_batch_size: int, reporter: RunReporter,
                output_dir: str, seed: int) -> dict[str, Any]:
     import lightning as L
-    from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+    from lightning.pytorch.callbacks import Callback, LearningRateMonitor, RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
     class BestWeights(Callback):
@@ -492,7 +456,9 @@ def _fit_local(module: CausalLMModule, cfg: FitConfig, runtime: RuntimeConfig, w
         accelerator=runtime.accelerator, devices=1, precision=cfg.precision, max_steps=cfg.max_steps, max_epochs=-1,
         accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=cfg.gradient_clip_val,
         val_check_interval=cfg.val_every * cfg.accumulate_grad_batches, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, logger=logger, callbacks=[best, LearningRateMonitor(logging_interval="step")],
+        num_sanity_val_steps=0, logger=logger,
+        callbacks=[best, LearningRateMonitor(logging_interval="step"),
+                   *([RichProgressBar()] if runtime.progress else [])],
         enable_checkpointing=False, enable_progress_bar=runtime.progress, enable_model_summary=False,
         log_every_n_steps=min(10, cfg.val_every),
     )
@@ -549,30 +515,27 @@ def train_client(module: CausalLMModule, batches: BatchStream, steps: int, accum
 
 def _fit_federated(fabric: Fabric, module: CausalLMModule, cfg: FitConfig, runtime: RuntimeConfig,
                    windows: torch.Tensor, val_windows: torch.Tensor, val_before: float, val_batch_size: int,
-                   tokenizer: Any, reporter: RunReporter, seed: int) -> dict[str, Any]:
+                   tokenizer: Any, reporter: RunReporter, reducer: Reducer, seed: int) -> dict[str, Any]:
     net = module.model
     if cfg.precision == "bf16-true":
         net.to(torch.bfloat16)
-    my_clients = clients_of_rank(cfg.num_clients, fabric.world_size, fabric.global_rank)
+    my_clients = clients_of_rank(cfg.num_clients, fabric.world_size, fabric.global_rank, key="fit.num_clients")
     data, sizes = client_windows(cfg, tokenizer, windows, my_clients, seed)
     streams = {c: BatchStream(data[c], cfg.batch_size, _mixed_seed(seed, "data", c)) for c in my_clients}
-    params = [p for _, p in _trainable(net)]
-
-    def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        return fabric.all_reduce(tensor, reduce_op="sum") if fabric.world_size > 1 else tensor
+    params = dict(_trainable(net))
 
     history: list[list[float]] = [[0, val_before]]
     best_state: dict[str, torch.Tensor] | None = None
     round_loss: list[float] = []
     with reporter.blocks("federated fine-tuning rounds", cfg.rounds) as advance:
         for r in range(cfg.rounds):
-            global_weights = [p.detach().clone() for p in params] if len(my_clients) > 1 else None
-            acc = FedAvgSum()
+            global_weights = [p.detach().clone() for p in params.values()] if len(my_clients) > 1 else None
+            acc = WeightedSum()
             loss_sum = torch.zeros(2, dtype=torch.float64)
             for i, client in enumerate(my_clients):
                 if i > 0:
                     with torch.no_grad():
-                        for p, g in zip(params, global_weights):
+                        for p, g in zip(params.values(), global_weights):
                             p.copy_(g)
                 torch.manual_seed(_mixed_seed(seed, "dropout", r, client))
                 losses = train_client(module, streams[client], cfg.local_steps, cfg.accumulate_grad_batches,
@@ -580,12 +543,15 @@ def _fit_federated(fabric: Fabric, module: CausalLMModule, cfg: FitConfig, runti
                 acc.add(params, sizes[client])
                 loss_sum += torch.tensor([sum(losses) / len(losses), 1.0], dtype=torch.float64)
             del global_weights
-            with torch.no_grad():
-                for p, value in zip(params, acc.average(params, reduce)):
-                    p.copy_(value)
+            tag = f"round {r + 1}"
+            average = weighted_average(reducer.sum(acc.tensors(), kind="fit_weights", tag=tag), params)
             del acc
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(average[name])
+            del average
             module.apply_masks()
-            loss_sum = reduce(loss_sum)
+            loss_sum = reducer.sum({"loss": loss_sum}, kind="metadata", tag=tag)["loss"]
             ppl = evaluate_perplexity(fabric, module, val_windows, val_batch_size, progress=False)
             step = (r + 1) * cfg.local_steps
             if ppl < min(row[1] for row in history):
@@ -599,6 +565,6 @@ def _fit_federated(fabric: Fabric, module: CausalLMModule, cfg: FitConfig, runti
                 advance(r, cfg.rounds)
     extra = {"federated": {"num_clients": cfg.num_clients, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
                            "partition": cfg.partition, "client_windows": sizes, "train_loss_per_round": round_loss,
-                           "bytes_per_client_per_round": sum(p.numel() * p.element_size() for p in params)}}
+                           "bytes_per_client_per_round": sum(p.numel() * p.element_size() for p in params.values())}}
     return {"steps": cfg.rounds * cfg.local_steps, "val_history": history, "best_state": best_state, "extra": extra}
 

@@ -334,22 +334,24 @@ def evaluate_perplexity(
     metric = new_perplexity_metric(sync=fabric is not None).to(device)
     was_training = inner.training
     inner.eval()
-    bar = None
+    bar = task = None
     if progress and rank == 0:
-        from tqdm.auto import tqdm
+        from fedspallm.reporting import progress_bar
 
         label = description if world_size == 1 else f"{description} [rank 0 of {world_size}]"
-        bar = tqdm(total=shard.shape[0], desc=label, unit="window", dynamic_ncols=True)
+        bar = progress_bar()
+        task = bar.add_task(label, total=shard.shape[0])
+        bar.start()
     try:
         with torch.inference_mode():
             for start in range(0, shard.shape[0], batch_size):
                 batch = shard[start : start + batch_size].to(device)
                 inner.update_perplexity(metric, batch)
                 if bar is not None:
-                    bar.update(batch.shape[0])
+                    bar.update(task, advance=batch.shape[0])
             value = float(metric.compute())  # all-reduces sums and counts when distributed
     finally:
         if bar is not None:
-            bar.close()
+            bar.stop()
         inner.train(was_training)
     return value

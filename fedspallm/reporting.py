@@ -41,6 +41,12 @@ class _StepHooks:
             self._progress.advance(self._steps)
 
 
+def progress_bar(console: Console | None = None) -> Progress:
+    """The one progress display of the project (rich), on stderr, cleared when done."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console or Console(stderr=True), transient=True)
+
+
 def tensorboard_logger(root_dir: str) -> TensorBoardLogger:
     """The run's logger, to hand to Fabric (``loggers=[...]``); it makes ``root_dir/version_N`` on rank 0."""
     return TensorBoardLogger(root_dir=root_dir, name="")
@@ -70,8 +76,7 @@ class RunReporter:
         self.show_progress = progress and self.rank_zero
 
     def _progress(self) -> Progress:
-        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=self.console, transient=True)
+        return progress_bar(self.console)
 
     @contextmanager
     def blocks(self, description: str, total: int) -> Iterator[Callable[[int, int], None] | None]:

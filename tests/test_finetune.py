@@ -16,7 +16,8 @@ import torch
 from conftest import make_tiny_model
 
 from fedspallm.errors import UserError
-from fedspallm.finetune import FedAvgSum, compare_zero_sets, fedavg, zero_sets
+from fedspallm.federated.aggregation import WeightedSum, weighted_average
+from fedspallm.finetune import compare_zero_sets, fedavg, zero_sets
 from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor, trainable_names
 from fedspallm.models import prunable_modules
 
@@ -160,20 +161,20 @@ def test_weighted_fedavg_is_exact_on_a_hand_example():
 
 
 def test_collective_form_equals_the_pure_function():
-    """Two 'processes' each sum their clients; summing the partial sums (all_reduce) gives fedavg."""
+    """Two 'processes' each sum their clients; summing the partial sums (what the reducer does) gives fedavg."""
     generator = torch.Generator().manual_seed(0)
-    clients = [[torch.randn(5, 3, generator=generator), torch.randn(4, generator=generator)] for _ in range(3)]
+    clients = [{"w": torch.randn(5, 3, generator=generator), "b": torch.randn(4, generator=generator)}
+               for _ in range(3)]
     sizes = [7, 2, 5]
-    rank0, rank1 = FedAvgSum(), FedAvgSum()
+    rank0, rank1 = WeightedSum(), WeightedSum()
     rank0.add(clients[0], sizes[0])
     for c in (1, 2):
         rank1.add(clients[c], sizes[c])
-    # all_reduce as rank 0 sees it: its tensor plus rank 1's, in the order both ranks reduce them
-    theirs = iter([torch.tensor([rank1.weight], dtype=torch.float64)] + rank1.sums)
-    got = rank0.average(clients[0], lambda tensor: tensor + next(theirs))
-    expected = fedavg([dict(enumerate(c)) for c in clients], sizes)
-    for i, tensor in enumerate(got):
-        assert torch.equal(tensor, expected[i])
+    mine, theirs = rank0.tensors(), rank1.tensors()
+    got = weighted_average({name: mine[name] + theirs[name] for name in mine}, clients[0])
+    expected = fedavg(clients, sizes)
+    for name, tensor in got.items():
+        assert torch.equal(tensor, expected[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +255,10 @@ def _free_port() -> int:
 
 
 def _run(command: list[str]) -> None:
-    env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    port = str(_free_port())
+    if command[:2] == [FABRIC, "run"] and "--main-port" not in command:  # not fabric's fixed 29400: runs in parallel
+        command = [*command[:2], "--main-port", port, *command[2:]]
+    env = {**os.environ, "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 

@@ -9,6 +9,7 @@ each process computes the same aggregate from the same reduced sums.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,43 @@ def merge(a: Contribution, b: Contribution) -> Contribution:
         keep_count=a.keep_count + b.keep_count,
         contributors=a.contributors + b.contributors,
     )
+
+
+class WeightedSum:
+    """FedAvg's summable contribution (sparse fine-tuning): Σ w_i·x_i per named tensor, in float64, and Σ w_i.
+
+    Like :class:`Contribution` it combines by addition: locally with :meth:`add`, across processes by
+    summing :meth:`tensors` (kind ``fit_weights``) through the driver's reducer; :func:`weighted_average`
+    turns the sums into the average.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] | None = None
+        self.weight = 0.0
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
+        if weight < 0:
+            raise ValueError(f"FedAvg weight {weight} is negative")
+        scaled = {name: t.detach().double() * weight for name, t in tensors.items()}
+        self.sums = scaled if self.sums is None else {name: s.add_(scaled[name]) for name, s in self.sums.items()}
+        self.weight += weight
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The sums to reduce: every named sum and the total weight (under ``WEIGHT``)."""
+        if self.sums is None:
+            raise ValueError("nothing added: every process needs at least one client")
+        return {**self.sums, WEIGHT: torch.tensor([self.weight], dtype=torch.float64)}
+
+
+WEIGHT = "__weight__"
+
+
+def weighted_average(sums: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``Σ w_i·x_i / Σ w_i`` from (reduced) :meth:`WeightedSum.tensors`, in the dtypes of ``like``."""
+    total = float(sums[WEIGHT].item())
+    if total <= 0:
+        raise ValueError("FedAvg over a total weight of 0")
+    return {name: (sums[name] / total).to(t.dtype) for name, t in like.items()}
 
 
 def l0_average(c: Contribution) -> torch.Tensor:
