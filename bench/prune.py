@@ -71,7 +71,7 @@ import torch
 
 import fedspallm.calibration as engine
 import fedspallm.pruners.sparsegpt as sparsegpt_module
-from fedspallm.calibration import PruneSpec, capture_block_inputs, prune_sequential
+from fedspallm.calibration import PruneSpec, SequentialCalibration, prune_sequential
 from fedspallm.config import ModelConfig
 from fedspallm.data import eval_windows, plan_calibration
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
@@ -210,16 +210,15 @@ def dense_worker(args: argparse.Namespace) -> dict[str, Any]:
     ppl, eval_s = perplexity(model, evaluation, args)
     blocks = find_decoder_blocks(model)
     with torch.no_grad():
-        batches = capture_block_inputs(model, windows, args.batch_size, torch.device("cpu"))
-        hidden = [h for h, _ in batches]
-        kwargs = [k for _, k in batches]
+        walk = SequentialCalibration(model, windows, PruneSpec("sparsegpt"), batch_size=args.batch_size,
+                                     device="cpu")
         per_layer: list[dict[str, list[torch.Tensor]]] = []  # block -> layer -> its input per batch
         for index in range(min(args.hessian_blocks, len(blocks))):
             layers = find_prunable_layers(blocks[index])
             inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
             handles = [layer.register_forward_hook(lambda mod, a, out, name=name: inputs[name].append(a[0].detach()))
                        for name, layer in layers.items()]
-            hidden = [engine._first_output(blocks[index](h, **kw)) for h, kw in zip(hidden, kwargs)]
+            walk.advance(index)
             for handle in handles:
                 handle.remove()
             per_layer.append(inputs)

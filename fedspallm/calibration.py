@@ -1,11 +1,13 @@
 """The sequential, block-by-block calibration engine.
 
-One mechanism for every architecture: a forward pre-hook (``with_kwargs=True``) on the first
-decoder block catches its hidden states and *every* keyword argument it receives (attention
-masks, ``position_embeddings``, ``cache_position``, ...) and stops the forward pass. Each block then
-runs on those inputs: hooks gather the statistics of its projections, the selected projections are
-pruned, and the block runs again so that its pruned outputs feed the next block (as in SparseGPT).
-Only one block's activations are held at a time.
+One mechanism for every architecture. Each block gets the inputs the model's own forward gives it:
+one pass of the model's forward, in which every block records its arguments instead of computing
+(:func:`capture_block_inputs`), yields block 0's hidden states and *every* keyword argument of
+every block (its own attention mask, sliding or full; ``position_embeddings``; ``position_ids``, ...).
+Then, block by block (:class:`SequentialCalibration`): hooks gather the statistics of its
+projections (``collect``), the selected projections are pruned from statistics (``prune``; a
+federated caller may sum them over clients first), and the block runs again so that its pruned
+outputs feed the next (``advance``), as in SparseGPT. Only one block's activations are held at a time.
 
 Projections that read the same tensor (q/k/v, gate/up) are grouped on the fly by the identity of
 their input and share one statistic.
@@ -23,7 +25,13 @@ import torch
 from torch import nn
 
 from fedspallm.errors import UserError
-from fedspallm.models import find_decoder_blocks, find_prunable_layers, get_weight, set_weight
+from fedspallm.models import (
+    find_decoder_blocks,
+    find_prunable_layers,
+    get_weight,
+    in_features,
+    set_weight,
+)
 from fedspallm.pruners import (
     PruneResult,
     accumulate_hessian,
@@ -58,10 +66,84 @@ class PruneSpec:
             raise UserError(f"pruning.method={self.method!r}: use one of {', '.join(METHODS)}")
 
 
+STATISTIC_KINDS = {"sparsegpt": "hessian", "wanda": "sq_norms"}
+UNCOVERED = ("error", "magnitude", "dense")
+
+
 @dataclass
-class _Statistic:
+class Statistic:
+    """The statistic of one distinct input of a block: what SparseGPT or Wanda prunes from.
+
+    ``value`` is kept as the pruners read it, a running mean over ``samples`` sequences in float32
+    (as SparseGPT's reference does, see NOTES.md): ``hessian`` H = (2/n) sum x x^T [in, in],
+    ``sq_norms`` s = (1/n) sum_tokens x_j^2 [in]. ``tokens`` counts the tokens behind it.
+
+    Across clients the statistic travels as a plain sum (:meth:`to_sum`: sum x x^T, or sum x_j^2,
+    in float64) with its counts, and comes back with :meth:`from_sum`. The sum of the clients'
+    sums is the sum over the union of their windows, so pruning from it is pruning on the union.
+    Scale does not matter to the pruners: SparseGPT damps relative to mean(diag H) and its mask and
+    update are invariant to scaling H, Wanda ranks each row by |W| * norm. ``from_sum(to_sum())``
+    gives back ``value`` bit for bit while samples < 2^29 (an fp32 times such an integer is exact in
+    fp64, and so is the division back), so one client's statistic through a sum prunes exactly
+    as the local one.
+    """
+
+    kind: str  # "hessian" | "sq_norms"
     value: torch.Tensor | None = None
-    nsamples: int = 0
+    samples: int = 0
+    tokens: int = 0
+
+    def to_sum(self) -> torch.Tensor:
+        """The plain sum over this statistic's tokens, float64: sum x x^T [in, in] or sum x_j^2 [in]."""
+        if self.value is None:
+            raise ValueError("an empty statistic has no sum; its shape is unknown")
+        total = self.value.double() * self.samples
+        return total / 2 if self.kind == "hessian" else total
+
+    @classmethod
+    def from_sum(cls, kind: str, total: torch.Tensor, samples: int, tokens: int) -> Statistic:
+        """The statistic whose :meth:`to_sum` is ``total`` (a sum over ``samples`` sequences)."""
+        if kind not in STATISTIC_KINDS.values():
+            raise ValueError(f"unknown statistic kind {kind!r}")
+        if samples <= 0:
+            return cls(kind, torch.zeros_like(total, dtype=torch.float32), 0, tokens)
+        scale = 2.0 if kind == "hessian" else 1.0
+        return cls(kind, (total.double() * scale / samples).float(), samples, tokens)
+
+
+@dataclass
+class BlockStatistics:
+    """The statistics of one block's projections, one per distinct input.
+
+    ``readers`` maps each prunable matrix of the block (its name inside the block) to the key of the
+    statistic it reads; the key is the name of the first matrix that reads that input in forward
+    order (q/k/v share ``self_attn.q_proj``'s, gate/up ``mlp.gate_proj``'s). ``values`` maps keys to
+    statistics. Every process derives the same readers from the block's structure
+    (:meth:`SequentialCalibration.readers`), so sums can be exchanged key by key.
+    """
+
+    kind: str
+    readers: dict[str, str] = field(default_factory=dict)
+    values: dict[str, Statistic] = field(default_factory=dict)
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Key -> plain float64 sum (see :meth:`Statistic.to_sum`)."""
+        return {key: stat.to_sum() for key, stat in self.values.items()}
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Key -> (samples, tokens)."""
+        return {key: (stat.samples, stat.tokens) for key, stat in self.values.items()}
+
+    @classmethod
+    def from_sums(cls, kind: str, readers: Mapping[str, str], sums: Mapping[str, torch.Tensor],
+                  counts: Mapping[str, tuple[int, int]]) -> BlockStatistics:
+        """Statistics from (summed) plain sums and counts, e.g. after a reduce over clients."""
+        values = {key: Statistic.from_sum(kind, sums[key], *counts[key]) for key in sums}
+        return cls(kind, dict(readers), values)
+
+    def of(self, name: str) -> Statistic:
+        """The statistic that matrix ``name`` reads."""
+        return self.values[self.readers[name]]
 
 
 @dataclass
@@ -79,6 +161,7 @@ class SequentialStats:
 class SequentialResult:
     pruned: dict[str, PruneResult] = field(default_factory=dict)  # full module name -> result
     stats: SequentialStats = field(default_factory=SequentialStats)
+    uncovered: dict[str, str] = field(default_factory=dict)  # full name -> "magnitude" | "dense" (see prune)
 
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
@@ -92,18 +175,6 @@ def _first_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
     """With offload, everything except the decoder blocks (embeddings, rotary tables, final norm) lives on the device."""
     inside = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
@@ -112,29 +183,63 @@ def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
             tensor.data = tensor.data.to(device)
 
 
-@torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device
-) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Run the model up to its first decoder block and return (hidden_states, kwargs) per batch."""
-    blocks = find_decoder_blocks(model)
-    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+@dataclass
+class BlockInputs:
+    """What the model's own forward hands its decoder blocks, per batch of windows.
 
-    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    ``hidden[b]`` is batch b's input to block 0. ``kwargs[i][b]`` holds every other argument the
+    model passes block i for batch b (as keywords, caches dropped): its own attention mask (sliding
+    window or full), ``position_embeddings``, ``position_ids``, ... These are the model's own
+    objects, not copies: a mask or a (cos, sin) pair that several blocks share is held once.
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict[str, Any]]]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                         through: int | None = None) -> BlockInputs:
+    """Every block's keyword arguments (blocks 0..``through``, all when None), and block 0's hidden states.
+
+    One pass of the model's own forward per batch in which each block only records what it is given
+    and hands its input on unchanged: the embeddings, masks and rotary tables are computed as the
+    model computes them, for every layer type (Gemma 2/3 alternate sliding and full attention, Qwen2
+    slides above ``max_window_layers``), and no block is computed. The pass stops after block
+    ``through``. This assumes, as every transformers decoder stack does, that what the model passes a
+    block besides the hidden states does not depend on the earlier blocks' outputs.
+    """
+    blocks = find_decoder_blocks(model)
+    through = len(blocks) - 1 if through is None else through
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict[str, Any]]] = [[] for _ in range(through + 1)]
+
+    def recorder(index: int, block: nn.Module) -> Callable:
         # Bind to the block's own signature so that positional extras (GPT-2 passes several) become
         # keywords too; the first parameter is the hidden states, whatever its name.
-        signature = inspect.signature(module.forward)
-        arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
-        for name, parameter in signature.parameters.items():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(arguments.pop(name, {}))
-        hidden = arguments.pop(next(iter(signature.parameters)))
-        extra = {k: v for k, v in arguments.items() if k not in _CACHE_KWARGS}
-        captured.append((hidden, extra))
-        raise _StopForward
+        signature = inspect.signature(block.forward)
 
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+        def record(*args: Any, **given: Any) -> Any:
+            arguments = dict(signature.bind_partial(*args, **given).arguments)
+            for name, parameter in signature.parameters.items():
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(arguments.pop(name, {}))
+            states = arguments.pop(next(iter(signature.parameters)))
+            if index == 0:
+                hidden.append(states)
+            kwargs[index].append({k: v for k, v in arguments.items() if k not in _CACHE_KWARGS})
+            if index == through:
+                raise _StopForward
+            return states
+
+        return record
+
+    # An instance attribute shadows the class's forward; whatever was there before (an accelerate
+    # hook, say) is put back afterwards.
+    saved = [block.__dict__.get("forward") for block in blocks]
     try:
+        for index, block in enumerate(blocks[: through + 1]):
+            block.forward = recorder(index, block)
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(device)
             try:
@@ -142,11 +247,15 @@ def capture_block_inputs(
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+    return BlockInputs(hidden, kwargs)
 
 
-def _prune_group(names: list[str], spec: PruneSpec, weights: list[torch.Tensor], statistic: _Statistic,
+def _prune_group(names: list[str], spec: PruneSpec, weights: list[torch.Tensor], statistic: Statistic | None,
                  keeps: list[torch.Tensor | None]) -> list[PruneResult]:
     """Prune weights that share one statistic; SparseGPT inverts their Hessian once for all of them."""
     if spec.method != "sparsegpt":
@@ -160,7 +269,7 @@ def _prune_group(names: list[str], spec: PruneSpec, weights: list[torch.Tensor],
         raise NumericalError(f"{where}: {err}") from None
 
 
-def _prune_one(name: str, spec: PruneSpec, weight: torch.Tensor, statistic: _Statistic,
+def _prune_one(name: str, spec: PruneSpec, weight: torch.Tensor, statistic: Statistic | None,
                keep: torch.Tensor | None) -> PruneResult:
     """Wanda or magnitude, which have no weight update: a given mask is all there is."""
     if keep is not None:
@@ -186,6 +295,176 @@ def check_prunable(model: nn.Module, blocks_to_prune: Iterable[int], spec: Prune
                 raise UserError(f"block {index} {name}: {err}") from None
 
 
+class SequentialCalibration:
+    """One client's windows, walked through the model block by block: the engine, step by step.
+
+    Per block ``index``, in this order:
+
+    - :meth:`collect` runs the inputs through the block with hooks and returns the statistics of its
+      projections (nothing is pruned);
+    - :meth:`prune` prunes the block's projections from given statistics (this client's, or a sum
+      over clients) with the deterministic kernels, in place in the model;
+    - :meth:`advance` runs the inputs through the block as it now is; its outputs become the
+      inputs of block ``index + 1``.
+
+    :func:`prune_sequential` is these three steps in a loop. A federated caller can reduce the
+    statistics between :meth:`collect` and :meth:`prune`. :meth:`prune` depends only on the model and
+    the statistics, so several clients that share one model call it once and :meth:`advance` each.
+
+    The inputs are captured lazily, at the first :meth:`collect` or :meth:`advance`: every block
+    gets the keyword arguments the model's own forward gives it (:func:`capture_block_inputs`), up
+    to block ``through``. Only one block's inputs are held per batch (plus the small per-block
+    keyword dicts, which share the model's mask and rotary tensors).
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, spec: PruneSpec, *, batch_size: int = 8,
+                 device: torch.device | str | None = None, offload: bool = False, through: int | None = None,
+                 stats: SequentialStats | None = None) -> None:
+        self.model = model
+        self.blocks = find_decoder_blocks(model)
+        self.prefix = next(name for name, module in model.named_modules() if module is self.blocks)
+        if windows.ndim != 2 or windows.shape[0] == 0:
+            raise UserError("pruning needs at least one calibration window")
+        self.windows = windows
+        self.spec = spec
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.offload = offload
+        self.through = len(self.blocks) - 1 if through is None else through
+        self.stats = stats if stats is not None else SequentialStats()
+        self.stats.tokens += int(windows.numel())
+        self.position = 0  # the block whose inputs ``hidden`` holds
+        self.uncovered: dict[str, str] = {}  # matrices no calibration token reached -> what was done
+        self._inputs: BlockInputs | None = None
+        self.hidden: list[torch.Tensor] = []
+        if offload:
+            self.blocks.to("cpu")
+            _move_all_but_blocks(model, self.blocks, self.device)
+
+    # -- naming
+
+    def full_name(self, index: int, name: str) -> str:
+        return f"{self.prefix}.{index}.{name}"
+
+    def layers(self, index: int) -> dict[str, nn.Module]:
+        """The prunable projections of block ``index``, by name inside the block."""
+        return find_prunable_layers(self.blocks[index])
+
+    def inputs(self, index: int) -> list[torch.Tensor]:
+        """The inputs of block ``index`` per batch (the block the walk is at)."""
+        self._ready(index)
+        return self.hidden
+
+    # -- the three steps
+
+    def _ready(self, index: int) -> nn.Module:
+        if self._inputs is None:
+            self._inputs = capture_block_inputs(self.model, self.windows, self.batch_size, self.device, self.through)
+            self.hidden = self._inputs.hidden
+        if index != self.position:
+            raise ValueError(f"the inputs are those of block {self.position}, not of block {index}")
+        if index > self.through:
+            raise ValueError(f"inputs were captured through block {self.through}, not {index}")
+        block = self.blocks[index]
+        if self.offload:
+            block.to(self.device)
+        return block
+
+    @torch.no_grad()
+    def collect(self, index: int) -> BlockStatistics:
+        """This client's statistics of block ``index``'s projections (one forward pass, nothing pruned)."""
+        block = self._ready(index)
+        kind = STATISTIC_KINDS.get(self.spec.method)
+        if kind is None:
+            raise ValueError(f"{self.spec.method} pruning reads no statistics")
+        statistics = BlockStatistics(kind)
+        _collect_statistics(block, self.layers(index), self.hidden, self._inputs.kwargs[index], kind, statistics,
+                            self.stats)
+        return statistics
+
+    @torch.no_grad()
+    def readers(self, index: int) -> dict[str, str]:
+        """Which statistic each projection of block ``index`` reads (see :class:`BlockStatistics`), from
+        the block's structure: one forward pass over the first batch that accumulates nothing."""
+        block = self._ready(index)
+        statistics = BlockStatistics("probe")
+        _collect_statistics(block, self.layers(index), self.hidden[:1], self._inputs.kwargs[index][:1], None,
+                            statistics, self.stats)
+        return statistics.readers
+
+    @torch.no_grad()
+    def prune(self, index: int, statistics: BlockStatistics | None = None, *,
+              fixed_masks: Mapping[str, torch.Tensor] | None = None,
+              layers: Mapping[str, nn.Module] | None = None, uncovered: str = "error") -> dict[str, PruneResult]:
+        """Prune block ``index`` (``layers`` of it, all its matrices in scope when None) from
+        ``statistics`` and write the pruned weights into the model. Returns full name -> result.
+
+        ``fixed_masks`` (full name -> keep-mask) gives masks instead of choosing them; SparseGPT then
+        only refits the kept weights. Magnitude pruning needs no statistics.
+
+        A matrix whose statistic has no sample (an expert no calibration token was routed to) is
+        handled as ``uncovered`` says: ``error`` raises one line naming it, ``magnitude`` prunes it
+        by magnitude, ``dense`` leaves it as it is (it is then absent from the result). Either way
+        it is recorded in :attr:`uncovered` (full name -> what was done).
+        """
+        if uncovered not in UNCOVERED:
+            raise ValueError(f"uncovered={uncovered!r}: use one of {', '.join(UNCOVERED)}")
+        layers = dict(self.layers(index) if layers is None else layers)
+        if self.offload:
+            self.blocks[index].to(self.device)
+        if statistics is None:
+            statistics = BlockStatistics(STATISTIC_KINDS.get(self.spec.method, "none"))
+        missing = [] if self.spec.method == "magnitude" else [
+            name for name in layers
+            if statistics.values.get(statistics.readers.get(name, name)) is None
+            or statistics.values[statistics.readers[name]].samples == 0]
+        for name in missing:
+            full_name = self.full_name(index, name)
+            if uncovered == "error":
+                raise UserError(f"{full_name}: no calibration token reached it (an expert the router never chose "
+                                "on these windows); add calibration data, or set federation.uncovered to magnitude "
+                                "or dense")
+            self.uncovered[full_name] = uncovered
+        magnitude = PruneSpec("magnitude", self.spec.sparsity, self.spec.n, self.spec.m)
+        # Layers that share a statistic are pruned together (q/k/v, gate/up); the others one by one.
+        groups: dict[str, list[str]] = {}
+        for name in layers:
+            if name in missing and uncovered == "dense":
+                continue
+            key = statistics.readers.get(name, name)
+            groups.setdefault(f"uncovered:{name}" if name in missing else key, []).append(name)
+        pruned: dict[str, PruneResult] = {}
+        for key, names in groups.items():
+            full_names = [self.full_name(index, name) for name in names]
+            weights = [get_weight(layers[name]).detach() for name in names]
+            for full_name, weight in zip(full_names, weights):
+                if not all_finite(weight):
+                    raise NumericalError(f"{full_name}: weight contains NaN or inf")
+            keeps = [fixed_masks.get(full_name) if fixed_masks is not None else None for full_name in full_names]
+            spec, statistic = (magnitude, None) if key.startswith("uncovered:") else (self.spec, statistics.values.get(key))
+            pruned.update(zip(names, _prune_group(full_names, spec, weights, statistic, keeps)))
+        results = {}
+        for name, result in pruned.items():
+            set_weight(layers[name], result.weight)
+            results[self.full_name(index, name)] = result
+        self.stats.layers_pruned += len(pruned)
+        self.stats.blocks_pruned += bool(layers)
+        return results
+
+    @torch.no_grad()
+    def advance(self, index: int) -> list[torch.Tensor]:
+        """Run the inputs through block ``index`` as it is now; returns its outputs, which are from now
+        on the inputs of block ``index + 1``. With offload the block goes back to the CPU."""
+        block = self._ready(index)
+        kwargs = self._inputs.kwargs[index]
+        self.hidden = [_first_output(block(h, **kw)) for h, kw in zip(self.hidden, kwargs)]
+        self.stats.forward_passes += len(self.hidden)
+        self.position = index + 1
+        if self.offload:
+            block.to("cpu")
+        return self.hidden
+
+
 @torch.no_grad()
 def prune_sequential(
     model: nn.Module,
@@ -201,8 +480,12 @@ def prune_sequential(
     fixed_masks: Mapping[str, torch.Tensor] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
+    uncovered: str = "error",
 ) -> SequentialResult:
     """Prune ``blocks_to_prune`` (all blocks when None) of ``model`` on ``windows`` ([n, seqlen] token ids).
+
+    The loop of :class:`SequentialCalibration`'s steps: per block, collect the statistics, prune from
+    them, and run the windows through the pruned block to feed the next.
 
     ``restore_dense`` puts each block's original weights back once its pruned outputs are computed:
     later blocks still see pruned inputs (as the pruning client would), but the model leaves this
@@ -214,71 +497,41 @@ def prune_sequential(
     matrix to the same target would only find its own zeros again (zeros score lowest in every
     pruner). ``fixed_masks`` (full module name -> keep-mask) gives the mask instead of letting the
     pruner choose it; SparseGPT then only refits the kept weights.
+
+    ``uncovered`` says what happens to a matrix no calibration token reaches (an expert the router
+    never chose): see :meth:`SequentialCalibration.prune`; ``result.uncovered`` lists them.
     """
     blocks = find_decoder_blocks(model)
     selected = sorted(set(range(len(blocks)) if blocks_to_prune is None else blocks_to_prune))
     check_prunable(model, selected, spec)
-    if windows.ndim != 2 or windows.shape[0] == 0:
-        raise UserError("pruning needs at least one calibration window")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    prefix = next(name for name, module in model.named_modules() if module is blocks)
-    result = SequentialResult()
-    result.stats.tokens = int(windows.numel())
-
-    if offload:
-        blocks.to("cpu")
-        _move_all_but_blocks(model, blocks, device)
+    last_selected = selected[-1] if selected else -1
+    # Later blocks' outputs are needed only by a caller that asks for them.
+    through = len(blocks) - 1 if on_block_output is not None else last_selected
+    calibration = SequentialCalibration(model, windows, spec, batch_size=batch_size, device=device, offload=offload,
+                                        through=max(through, 0))
+    result = SequentialResult(stats=calibration.stats, uncovered=calibration.uncovered)
     needs_data = spec.method != "magnitude"
     # Magnitude pruning reads no inputs: unless the caller wants the outputs, nothing runs forward at all.
     propagate = needs_data or on_block_output is not None
-    batches = capture_block_inputs(model, windows, batch_size, device) if propagate else []
-    hidden = [h for h, _ in batches]
-    kwargs = [k for _, k in batches]
-    last_selected = selected[-1] if selected else -1
 
-    for index, block in enumerate(blocks):
-        if index > last_selected and on_block_output is None:
-            break  # nothing left to prune: later blocks' outputs are not needed
-        if offload:
-            block.to(device)
-        layers = find_prunable_layers(block) if index in selected else {}
-        original = {name: layer.weight.detach().clone() for name, layer in layers.items()} if restore_dense else {}
+    for index in range(through + 1):
+        layers = calibration.layers(index) if index in selected else {}
+        original = {name: get_weight(layer).detach().clone() for name, layer in layers.items()} if restore_dense else {}
         if prune_from is not None:
             for name, layer in layers.items():
-                set_weight(layer, prune_from[f"{prefix}.{index}.{name}"])
-        statistics: dict[str, _Statistic] = {}
-        if layers and needs_data:
-            _collect_statistics(block, layers, hidden, kwargs, spec.method, statistics, result.stats)
-        # Layers that share a statistic are pruned together (q/k/v, gate/up); the others one by one.
-        groups: dict[int | str, list[str]] = {}
-        for name in layers:
-            groups.setdefault(id(statistics[name]) if name in statistics else name, []).append(name)
-        pruned: dict[str, PruneResult] = {}
-        for names in groups.values():
-            full_names = [f"{prefix}.{index}.{name}" for name in names]
-            weights = [get_weight(layers[name]).detach() for name in names]
-            for full_name, weight in zip(full_names, weights):
-                if not all_finite(weight):
-                    raise NumericalError(f"{full_name}: weight contains NaN or inf")
-            keeps = [fixed_masks.get(full_name) if fixed_masks is not None else None for full_name in full_names]
-            statistic = statistics.get(names[0], _Statistic())
-            pruned.update(zip(names, _prune_group(full_names, spec, weights, statistic, keeps)))
-        for name, layer in layers.items():
-            set_weight(layer, pruned[name].weight)
-            result.pruned[f"{prefix}.{index}.{name}"] = pruned[name]
-            result.stats.layers_pruned += 1
+                set_weight(layer, prune_from[calibration.full_name(index, name)])
+        statistics = calibration.collect(index) if layers and needs_data else None
         if layers:
-            result.stats.blocks_pruned += 1
+            result.pruned.update(calibration.prune(index, statistics, fixed_masks=fixed_masks, uncovered=uncovered))
         if propagate:
-            hidden = [_first_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
-            result.stats.forward_passes += len(hidden)
+            calibration.advance(index)
+        elif offload:
+            blocks[index].to("cpu")
         for name, layer in layers.items():
             if restore_dense:
-                layer.weight.copy_(original[name])
+                set_weight(layer, original[name])
         if on_block_output is not None:
-            on_block_output(index, hidden)
-        if offload:
-            block.to("cpu")
+            on_block_output(index, calibration.hidden)
         if on_block is not None:
             on_block(index, len(blocks))
     return result
@@ -289,27 +542,34 @@ def _collect_statistics(
     layers: dict[str, nn.Module],
     hidden: list[torch.Tensor],
     kwargs: list[dict[str, Any]],
-    method: str,
-    statistics: dict[str, _Statistic],
+    kind: str | None,
+    statistics: BlockStatistics,
     counters: SequentialStats,
 ) -> None:
-    """One forward pass over the block with hooks; layers that read the same tensor share a statistic."""
-    accumulate = accumulate_hessian if method == "sparsegpt" else accumulate_sq_norms
+    """One forward pass over the block with hooks; layers that read the same tensor share a statistic.
+    With ``kind`` None nothing is accumulated: only ``statistics.readers`` is filled in.
+
+    Every matrix in ``layers`` ends with a reader; one that no token reached (an expert the router
+    never chose) reads a statistic of its own with zero samples."""
+    accumulate = accumulate_hessian if kind == "hessian" else accumulate_sq_norms
     # Identity of an input tensor in the current pass -> (owning layer, the tensor). Holding the tensor
     # keeps its memory from being reused by a later, different input with the same address.
     seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+
+    def add(name: str, inputs: torch.Tensor) -> None:
+        stat = statistics.values.setdefault(name, Statistic(kind))
+        stat.value, stat.samples = accumulate(stat.value, stat.samples, inputs.detach())
+        stat.tokens += inputs.numel() // inputs.shape[-1]
+        counters.statistic_updates += 1
 
     def hook_for(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             inputs = args[0]
             key = (inputs.data_ptr(), tuple(inputs.shape), tuple(inputs.stride()))
             owner = seen.setdefault(key, (name, inputs))[0]
-            if owner != name:
-                statistics[name] = statistics[owner]  # same tensor object: share, don't recompute
-                return
-            stat = statistics.setdefault(name, _Statistic())
-            stat.value, stat.nsamples = accumulate(stat.value, stat.nsamples, inputs.detach())
-            counters.statistic_updates += 1
+            statistics.readers.setdefault(name, owner)
+            if owner == name and kind is not None:  # else the same tensor as an earlier layer's: share it
+                add(name, inputs)
 
         return hook
 
@@ -322,3 +582,11 @@ def _collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
+    for name, layer in layers.items():
+        if name not in statistics.readers:
+            statistics.readers[name] = name  # no input ever reached it
+        key = statistics.readers[name]
+        if kind is not None and key not in statistics.values:
+            width = in_features(layers[key])
+            shape = (width, width) if kind == "hessian" else (width,)
+            statistics.values[key] = Statistic(kind, torch.zeros(shape, dtype=torch.float32), 0, 0)
