@@ -51,7 +51,7 @@ from fedspallm.config import (
     validate_output,
     validate_runtime,
 )
-from fedspallm.data import even_split, eval_windows, plan_calibration, token_stream
+from fedspallm.data import Corpora, even_split, eval_windows, plan_calibration, token_stream
 from fedspallm.errors import UserError
 from fedspallm.federated.aggregation import WeightedSum, weighted_average
 from fedspallm.federated.collectives import PlainReducer, Reducer
@@ -106,10 +106,11 @@ def _same_file(a: str, b: str) -> bool:
 # Data
 
 
-def train_windows(name: str, tokenizer, seqlen: int, max_windows: int | None, seed: int) -> torch.Tensor:
+def train_windows(name: str, tokenizer, seqlen: int, max_windows: int | None, seed: int,
+                  corpora: Corpora | None = None) -> torch.Tensor:
     """Non-overlapping ``[n, seqlen]`` windows of the train split's token stream, in a seeded random
     order, the first ``max_windows`` of them (all when None)."""
-    stream = token_stream(name, "train", tokenizer)
+    stream = token_stream(name, "train", tokenizer, corpora)
     count = stream.numel() // seqlen
     if count == 0:
         raise UserError(f"fit.dataset={name!r} has {stream.numel()} tokens, fewer than one window of fit.seqlen={seqlen}")
@@ -121,7 +122,7 @@ def train_windows(name: str, tokenizer, seqlen: int, max_windows: int | None, se
 
 
 def client_windows(cfg: FitConfig, tokenizer, windows: torch.Tensor, clients: Sequence[int],
-                   seed: int) -> tuple[dict[int, torch.Tensor], list[int]]:
+                   seed: int, corpora: Corpora | None = None) -> tuple[dict[int, torch.Tensor], list[int]]:
     """The windows of ``clients`` and every client's window count (the FedAvg weights).
 
     iid: the (shuffled) training windows split evenly, in order. topic / dirichlet: the calibration
@@ -135,7 +136,8 @@ def client_windows(cfg: FitConfig, tokenizer, windows: torch.Tensor, clients: Se
         sizes = even_split(total, cfg.num_clients)
         parts = torch.split(windows, sizes)
         return {c: parts[c] for c in clients}, sizes
-    plan = plan_calibration(cfg.dataset, tokenizer, total, cfg.seqlen, cfg.num_clients, cfg.partition, cfg.alpha, seed)
+    plan = plan_calibration(cfg.dataset, tokenizer, total, cfg.seqlen, cfg.num_clients, cfg.partition, cfg.alpha, seed,
+                            corpora)
     return plan.materialize(clients), plan.sizes
 
 
@@ -345,11 +347,12 @@ def finetune(
     module.prepare_training()  # freeze, and take the masks from the weights as loaded
     zeros_before = zero_sets(net)
     sparsity_before = sparsity_report(net, 0.0)
-    windows = train_windows(fit.dataset, tokenizer, fit.seqlen, fit.max_windows, seed)
-    eval_sets = {name: eval_windows(name, tokenizer, eval.seqlen, eval.max_windows) for name in eval.datasets}
+    corpora = Corpora()  # the training corpus is tokenized once for its windows and its client partition
+    windows = train_windows(fit.dataset, tokenizer, fit.seqlen, fit.max_windows, seed, corpora)
+    eval_sets = {name: eval_windows(name, tokenizer, eval.seqlen, eval.max_windows, corpora) for name in eval.datasets}
     val_windows = eval_sets.get(val_name)
     if val_windows is None:
-        val_windows = eval_windows(val_name, tokenizer, eval.seqlen, eval.max_windows)
+        val_windows = eval_windows(val_name, tokenizer, eval.seqlen, eval.max_windows, corpora)
     load_s = time.perf_counter() - started
 
     eval_fabric = fabric if fit.federated else None
@@ -364,7 +367,7 @@ def finetune(
     train_started = time.perf_counter()
     if fit.federated:
         outcome = _fit_federated(fabric, module, fit, runtime, windows, val_windows, val_before, eval.batch_size,
-                                 tokenizer, reporter, PlainReducer(fabric), seed)
+                                 tokenizer, reporter, PlainReducer(fabric), seed, corpora)
     else:
         outcome = _fit_local(module, fit, runtime, windows, val_windows, val_before, eval.batch_size, reporter,
                              output.dir, seed)
@@ -515,12 +518,13 @@ def train_client(module: CausalLMModule, batches: BatchStream, steps: int, accum
 
 def _fit_federated(fabric: Fabric, module: CausalLMModule, cfg: FitConfig, runtime: RuntimeConfig,
                    windows: torch.Tensor, val_windows: torch.Tensor, val_before: float, val_batch_size: int,
-                   tokenizer: Any, reporter: RunReporter, reducer: Reducer, seed: int) -> dict[str, Any]:
+                   tokenizer: Any, reporter: RunReporter, reducer: Reducer, seed: int,
+                   corpora: Corpora) -> dict[str, Any]:
     net = module.model
     if cfg.precision == "bf16-true":
         net.to(torch.bfloat16)
     my_clients = clients_of_rank(cfg.num_clients, fabric.world_size, fabric.global_rank, key="fit.num_clients")
-    data, sizes = client_windows(cfg, tokenizer, windows, my_clients, seed)
+    data, sizes = client_windows(cfg, tokenizer, windows, my_clients, seed, corpora)
     streams = {c: BatchStream(data[c], cfg.batch_size, _mixed_seed(seed, "data", c)) for c in my_clients}
     params = dict(_trainable(net))
 

@@ -10,12 +10,15 @@ Besides the per-key rules of :mod:`fedspallm.config` it opens what the config po
   size must be divisible by M of an N:M pattern, seqlens must fit the context, and the strategy's
   plan must be feasible (a round plan must cover every block unless ``federation.uncovered``
   handles it); the plan is handed to the run, not computed again;
-- local corpora: readable, UTF-8, not empty (parsed once and cached for the run);
+- local corpora: readable, UTF-8, not empty;
 - processes: never more processes than clients, also under ``fabric run --devices N``;
 - ``output.resume``: a readable checkpoint of a run with the same settings.
 
 Every failure is one line that names the key and the value. Such errors are identical in every
 process, so the CLI prints them once (rank 0).
+
+Nothing is left behind in a module: what the checks read and tokenized comes back in
+:class:`Preflight` (its ``corpora``), and the run cuts its windows from that object.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import os
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ from fedspallm.config import (
     validate_pruning,
     validate_runtime,
 )
+from fedspallm.data import Corpora
 from fedspallm.errors import UserError
 
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -54,8 +58,11 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 
 @dataclass
 class Preflight:
+    """What the checks loaded, for the run to use rather than load again."""
+
     resume: dict[str, Any] | None = None  # the loaded round checkpoint, when resuming
     plan: Any = None  # the strategy's plan (Strategy.configure), when the model's shape was known offline
+    corpora: Corpora = field(default_factory=Corpora)  # the corpora read (and, with a local tokenizer, tokenized)
 
 
 def same_on_every_rank(err: UserError) -> UserError:
@@ -73,12 +80,13 @@ def preflight(seed: int, model: ModelConfig, data: DataConfig, eval: EvalConfig,
         plan = None
         if skeleton is not None:
             plan = check_shapes(skeleton, seed, data, eval, pruning, federation)
-        check_corpora(data, eval)
+        corpora = Corpora()
+        check_corpora(data, eval, corpora)
         resume = check_resume(seed, model, data, pruning, federation, output)
-        check_corpus_lengths(local_dir, seed, data, eval, federation)  # tokenizes: the slowest check comes last
+        check_corpus_lengths(local_dir, seed, data, eval, federation, corpora)  # tokenizes: the slowest check last
     except UserError as err:
         raise same_on_every_rank(err) from None
-    return Preflight(resume=resume, plan=plan)
+    return Preflight(resume=resume, plan=plan, corpora=corpora)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,25 +278,24 @@ def check_shapes(net: nn.Module, seed: int, data: DataConfig, eval: EvalConfig, 
 # Corpora and checkpoints
 
 
-def check_corpora(data: DataConfig, eval: EvalConfig) -> None:
-    """Local files must be readable UTF-8 with some text (hub sets are checked when they are loaded)."""
-    from fedspallm.data import load_documents
-
+def check_corpora(data: DataConfig, eval: EvalConfig, corpora: Corpora) -> None:
+    """Local files must be readable UTF-8 with some text (hub sets are checked when they are loaded).
+    Their documents stay in ``corpora``."""
     for key, split, name in _local_corpora(data, eval):
         try:
-            load_documents(name, split)
+            corpora.documents(name, split)
         except UserError as err:
             raise _keyed(key, name, err) from None
 
 
 def check_corpus_lengths(local_dir: Path | None, seed: int, data: DataConfig, eval: EvalConfig,
-                         federation: FederationConfig) -> None:
+                         federation: FederationConfig, corpora: Corpora) -> None:
     """With the model's tokenizer at hand (a local directory), every window must fit its corpus.
 
-    The tokenized corpora stay in data.py's in-process cache, so the run does not tokenize twice.
+    The tokenized corpora stay in ``corpora``, which the run tokenizes through: nothing is tokenized twice.
     """
-    corpora = _local_corpora(data, eval) + [(k, s, n) for k, s, n in _local_corpora(data, eval, "default")]
-    if local_dir is None or not corpora:
+    named = _local_corpora(data, eval) + _local_corpora(data, eval, "default")
+    if local_dir is None or not named:
         return
     from transformers import AutoTokenizer
 
@@ -298,13 +305,13 @@ def check_corpus_lengths(local_dir: Path | None, seed: int, data: DataConfig, ev
         tokenizer = AutoTokenizer.from_pretrained(str(local_dir))
     except Exception:  # noqa: BLE001 - loading the model reports a broken tokenizer properly
         return
-    for key, split, name in corpora:
+    for key, split, name in named:
         try:
             if split == "train":
                 plan_calibration(name, tokenizer, data.nsamples, data.seqlen, federation.num_clients, data.partition,
-                                 data.alpha, seed)
+                                 data.alpha, seed, corpora)
             else:
-                eval_windows(name, tokenizer, eval.seqlen, eval.max_windows)
+                eval_windows(name, tokenizer, eval.seqlen, eval.max_windows, corpora)
         except UserError as err:
             raise _keyed(key, name, err) from None
 

@@ -92,9 +92,10 @@ def prune(
     if not pruning.offload:
         net.to(fabric.device)
     check_lengths(net, data, eval)
-    eval_sets = {name: eval_windows(name, tokenizer, eval.seqlen, eval.max_windows) for name in eval.datasets}
+    eval_sets = {name: eval_windows(name, tokenizer, eval.seqlen, eval.max_windows, checks.corpora)
+                 for name in eval.datasets}
     calibration = plan_calibration(data.calibration, tokenizer, data.nsamples, data.seqlen, federation.num_clients,
-                                   data.partition, data.alpha, seed)
+                                   data.partition, data.alpha, seed, checks.corpora)
     n, m = pruning.n_m
     spec = PruneSpec(pruning.method, pruning.target_sparsity, n, m, pruning.blocksize, pruning.percdamp)
     num_blocks = len(find_decoder_blocks(net))

@@ -1,4 +1,4 @@
-"""Corpora, evaluation windows and calibration plans (fedspallm.data).
+"""Corpora, evaluation windows and calibration plans (fedspallm.data: corpora, tokens, partitions).
 
 Most tests use tiny in-memory tokenizers whose output is known exactly (one id per UTF-8 byte);
 the embedded corpus tests use the embedded SmolLM2 tokenizer (cached locally, loads in seconds).
@@ -7,7 +7,9 @@ Nothing here touches the network: hub datasets are checked in offline mode, or f
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import time
 from collections import Counter
@@ -18,12 +20,15 @@ import torch
 from fedspallm import data
 from fedspallm.data import (
     CalibrationPlan,
+    Corpora,
     Document,
     eval_windows,
     load_documents,
     plan_calibration,
     tokenize_stream,
 )
+from fedspallm.data import corpora as corpora_module
+from fedspallm.data import tokens as tokens_module
 from fedspallm.errors import UserError
 
 TOPICS = {
@@ -66,12 +71,6 @@ def byte_ids(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    data._corpus_cache.clear()  # tokenized corpora are keyed on the tokenizer; the default corpus stays parsed
-    yield
-
-
 @pytest.fixture(scope="module")
 def smol():
     from transformers import AutoTokenizer
@@ -82,17 +81,17 @@ def smol():
 
 
 @pytest.fixture(scope="module")
-def smol_corpus(smol):
-    """The embedded corpus tokenized once for the module (the in-process cache is cleared per test)."""
+def smol_corpora(smol):
+    """The embedded corpus read and tokenized once for the module, in one run's Corpora."""
+    store = Corpora()
     for split in ("train", "test"):
-        data.token_stream("default", split, smol)
-    return dict(data._corpus_cache)
+        store.tokens("default", split, smol)
+    return store
 
 
 @pytest.fixture
-def default_cached(smol, smol_corpus):
-    data._corpus_cache.update(smol_corpus)
-    return smol
+def default_cached(smol, smol_corpora):
+    return smol, smol_corpora
 
 
 def write(tmp_path, name: str, content: str | bytes):
@@ -110,7 +109,7 @@ def test_default_split_follows_the_documented_hash_rule():
 
     entries = json.loads(wiki_leads_path().read_text(encoding="utf-8"))
     titles = sorted(entries)
-    expected_test = [t for t in titles if int(data.hashlib.sha256(t.encode()).hexdigest(), 16) % 10 == 0]
+    expected_test = [t for t in titles if int(hashlib.sha256(t.encode()).hexdigest(), 16) % 10 == 0]
     test_set = set(expected_test)
     expected_train = [t for t in titles if t not in test_set]
 
@@ -122,31 +121,42 @@ def test_default_split_follows_the_documented_hash_rule():
     assert 0.08 < len(test) / len(entries) < 0.12
     assert not {d.text for d in train} & {d.text for d in test}
     assert {d.topic for d in train} == {d.topic for d in test} == TOPICS
-    data._default_splits.cache_clear()
     assert load_documents("default", "test") == test  # deterministic across re-reads
 
 
-def test_default_streams_are_exact_and_cached(default_cached, monkeypatch):
-    smol = default_cached
+def test_default_streams_are_exact_and_read_once_per_run(default_cached, monkeypatch):
+    smol, store = default_cached
     test_docs = load_documents("default", "test")
-    stream = data.token_stream("default", "test", smol)
+    stream = data.token_stream("default", "test", smol, store)
     # the batched, piecewise tokenization equals tokenizing the joined split in one call
     assert stream.tolist() == smol("\n\n".join(d.text for d in test_docs))["input_ids"]
     assert stream.dtype == torch.long and stream.dim() == 1
 
     calls = []
-    monkeypatch.setattr(data, "_encode", lambda *a, **k: calls.append(1) or [])
-    assert torch.equal(data.token_stream("default", "test", smol), stream)
-    assert calls == []  # the second call is served from the in-process cache
+    monkeypatch.setattr(tokens_module, "_encode", lambda *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(corpora_module, "default_splits", lambda: calls.append("read") or ((), ()))
+    assert torch.equal(data.token_stream("default", "test", smol, store), stream)
+    assert torch.equal(eval_windows("default", smol, 512, None, store).flatten(), stream[: stream.numel() // 512 * 512])
+    assert calls == []  # the run's Corpora serves the split it already read and tokenized
+    # a loaded tokenizer is known by its name, class and size: the run's own tokenizer finds preflight's tokens
+    from transformers import AutoTokenizer
+
+    assert torch.equal(data.token_stream("default", "test", AutoTokenizer.from_pretrained(smol.name_or_path), store),
+                       stream)
+    assert calls == []
+    # and nothing outlives the run: a new Corpora reads and tokenizes again
+    with pytest.raises(UserError, match="empty"):
+        data.token_stream("default", "test", smol, Corpora())
+    assert calls == ["read"]
 
 
 def test_default_eval_windows_are_stream_slices(default_cached):
-    tok = default_cached
-    stream = data.token_stream("default", "test", tok)
-    windows = eval_windows("default", tok, 512, None)
+    tok, store = default_cached
+    stream = data.token_stream("default", "test", tok, store)
+    windows = eval_windows("default", tok, 512, None, store)
     assert windows.shape == (stream.numel() // 512, 512)
     assert torch.equal(windows.flatten(), stream[: windows.numel()])
-    first = eval_windows("default", tok, 512, 3)
+    first = eval_windows("default", tok, 512, 3, store)
     assert torch.equal(first, windows[:3])
 
 
@@ -195,7 +205,7 @@ def test_tokenize_stream_joins_with_the_separator():
 def test_tokenize_stream_is_exact_whatever_the_boundary_behaviour(pattern, mode):
     tok = RegexTokenizer(pattern)
     texts = [f"Doc {i} ends." for i in range(40)] + ["Last one!"]
-    corpus = data._TokenCorpus(texts, tok, "\n\n")
+    corpus = tokens_module.TokenCorpus(texts, tok, "\n\n")
     assert corpus.mode == mode
     assert corpus.stream().tolist() == tok(["\n\n".join(texts)])["input_ids"][0]
     subset = [3, 7, 40]
@@ -263,9 +273,10 @@ def test_partition_needs_topics_and_enough_samples(tmp_path):
     for partition in ("topic", "dirichlet"):
         with pytest.raises(UserError, match="data.partition"):
             plan_calibration(path, ByteTokenizer(), 4, 8, 2, partition, 0.5, 0)
-    with pytest.raises(UserError, match="data.nsamples"):
+    # the config rejects these (tests/test_validation.py); called directly, they are programming errors
+    with pytest.raises(ValueError, match="num_clients"):
         plan_calibration(path, ByteTokenizer(), 3, 8, 4, "iid", 0.5, 0)
-    with pytest.raises(UserError, match="data.partition"):
+    with pytest.raises(ValueError, match="shards"):
         plan_calibration(path, ByteTokenizer(), 4, 8, 2, "shards", 0.5, 0)
 
 
@@ -291,9 +302,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
-    data._hub_column.cache_clear()
     yield
-    data._hub_column.cache_clear()
 
 
 @pytest.mark.parametrize("name", ["wikitext2", "ptb", "c4"])
@@ -309,7 +318,7 @@ def test_hub_datasets_offline_give_one_line_user_error(offline, name):
 
 
 def fake_hub(monkeypatch, columns: dict[tuple[str, str], list[str]]):
-    monkeypatch.setattr(data, "_hub_column", lambda name, split: columns[(name, split)])
+    monkeypatch.setattr(corpora_module, "hub_column", lambda name, split: columns[(name, split)])
 
 
 def test_hub_protocol_separators(monkeypatch):
@@ -353,20 +362,20 @@ def window_specs(plan: CalibrationPlan):
 
 @pytest.mark.parametrize("partition", ["iid", "topic", "dirichlet"])
 def test_plans_are_deterministic_per_seed(default_cached, partition):
-    tok = default_cached
-    a = plan_calibration("default", tok, 12, 64, 4, partition, 0.5, seed=0)
-    b = plan_calibration("default", tok, 12, 64, 4, partition, 0.5, seed=0)
-    c = plan_calibration("default", tok, 12, 64, 4, partition, 0.5, seed=1)
+    tok, store = default_cached
+    a = plan_calibration("default", tok, 12, 64, 4, partition, 0.5, seed=0, store=store)
+    b = plan_calibration("default", tok, 12, 64, 4, partition, 0.5, seed=0, store=store)
+    c = plan_calibration("default", tok, 12, 64, 4, partition, 0.5, seed=1, store=store)
     assert window_specs(a) == window_specs(b)
     assert torch.equal(a.all_windows(), b.all_windows())
     assert window_specs(a) != window_specs(c)
 
 
 def test_iid_sizes_and_content(default_cached):
-    tok = default_cached
-    plan = plan_calibration("default", tok, 10, 128, 4, "iid", 0.5, 0)
+    tok, store = default_cached
+    plan = plan_calibration("default", tok, 10, 128, 4, "iid", 0.5, 0, store=store)
     assert plan.sizes == [3, 3, 2, 2]
-    stream = data.token_stream("default", "train", tok)
+    stream = data.token_stream("default", "train", tok, store)
     windows = plan.all_windows()
     assert windows.shape == (10, 128) and windows.dtype == torch.long
     specs = [w for c in plan.per_client for w in c]
@@ -374,13 +383,13 @@ def test_iid_sizes_and_content(default_cached):
     for row, w in zip(windows, specs):
         assert torch.equal(row, stream[w.start:w.start + 128])
     # the windows are SparseGPT's draw: random.Random(seed).randint(0, len - seqlen - 1), in order
-    rng = data.random.Random(0)
+    rng = random.Random(0)
     assert [w.start for w in specs] == [rng.randint(0, stream.numel() - 128 - 1) for _ in range(10)]
 
 
 def test_topic_partition_gives_each_client_its_own_topics(default_cached):
-    tok = default_cached
-    plan = plan_calibration("default", tok, 40, 64, 4, "topic", 0.5, 0)
+    tok, store = default_cached
+    plan = plan_calibration("default", tok, 40, 64, 4, "topic", 0.5, 0, store=store)
     assert plan.sizes == [10] * 4
     held = [set(t) for t in plan.client_topics]
     assert all(held) and sum(len(h) for h in held) == len(TOPICS) and set().union(*held) == TOPICS
@@ -388,7 +397,7 @@ def test_topic_partition_gives_each_client_its_own_topics(default_cached):
         for j in range(i + 1, 4):
             assert not held[i] & held[j]
     docs = load_documents("default", "train")
-    corpus = data._tokenized("default", "train", tok)[1]
+    corpus = store.tokens("default", "train", tok).corpus
     math_docs = [i for i, d in enumerate(docs) if d.topic == "Mathematics"]
     assert torch.equal(corpus.stream(math_docs), tokenize_stream([docs[i] for i in math_docs], tok))
     for client, windows in enumerate(plan.per_client):
@@ -401,8 +410,8 @@ def test_topic_partition_gives_each_client_its_own_topics(default_cached):
 
 
 def test_topic_partition_with_more_clients_than_topics(default_cached):
-    tok = default_cached
-    plan = plan_calibration("default", tok, 64, 32, 16, "topic", 0.5, 0)
+    tok, store = default_cached
+    plan = plan_calibration("default", tok, 64, 32, 16, "topic", 0.5, 0, store=store)
     assert plan.sizes == [4] * 16
     assert all(len(t) == 1 for t in plan.client_topics)
     assert {t[0] for t in plan.client_topics} == TOPICS
@@ -418,21 +427,21 @@ def test_topic_partition_with_more_clients_than_topics(default_cached):
 
 
 def test_dirichlet_sizes_and_skew(default_cached):
-    tok = default_cached
-    plan = plan_calibration("default", tok, 10, 64, 3, "dirichlet", 0.5, 0)
+    tok, store = default_cached
+    plan = plan_calibration("default", tok, 10, 64, 3, "dirichlet", 0.5, 0, store=store)
     assert plan.sizes == [4, 3, 3]
     assert all(abs(sum(m.values()) - 1) < 1e-9 for m in plan.mixtures)
-    skewed = plan_calibration("default", tok, 64, 64, 4, "dirichlet", 0.01, 0)
+    skewed = plan_calibration("default", tok, 64, 64, 4, "dirichlet", 0.01, 0, store=store)
     for windows in skewed.per_client:  # tiny alpha: each client is dominated by one topic
         assert Counter(w.topic for w in windows).most_common(1)[0][1] >= 0.75 * len(windows)
-    flat = plan_calibration("default", tok, 240, 64, 2, "dirichlet", 1000.0, 0)
+    flat = plan_calibration("default", tok, 240, 64, 2, "dirichlet", 1000.0, 0, store=store)
     for windows in flat.per_client:  # huge alpha: near-uniform mixtures
         assert len({w.topic for w in windows}) == len(TOPICS)
 
 
 def test_materialize_builds_only_the_requested_clients(default_cached, monkeypatch):
-    tok = default_cached
-    plan = plan_calibration("default", tok, 10, 64, 4, "topic", 0.5, 0)
+    tok, store = default_cached
+    plan = plan_calibration("default", tok, 10, 64, 4, "topic", 0.5, 0, store=store)
     everything = plan.all_windows()
     built = []
     original = CalibrationPlan._client_windows
