@@ -1,8 +1,12 @@
 """Typed configuration: the user-facing contract (see DESIGN.md, "keep these names stable").
 
 jsonargparse turns these dataclasses into ``--model.name_or_path``-style flags, YAML configs and
-``--print_config``; their docstrings are what ``--help`` shows. ``validate()`` checks every value
-before any model is loaded and raises a one-line :class:`UserError` naming the key.
+``--print_config``; their docstrings are what ``--help`` shows. jsonargparse checks the types
+(``Literal`` choices included) while parsing; each dataclass checks its own values in
+``__post_init__`` (so a config that exists is valid), and the rules between sections live in
+:func:`check_prune` and :func:`check_fit`. Every rule is here, once, and raises a one-line
+:class:`UserError` naming the key (both keys, when two contradict each other). Checks that need
+files, the model or the launcher are :mod:`fedspallm.preflight`'s.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ class ModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        name = self.name_or_path
+        if not name:
+            raise UserError("model.name_or_path is empty")
+        looks_local = name.endswith(".gguf") or name.startswith((".", "/", "~")) or Path(name).exists()
+        if looks_local and name != "default" and not Path(name).expanduser().exists():
+            raise UserError(f"model.name_or_path={name!r}: no such file or directory")
+
 
 @dataclass
 class DataConfig:
@@ -56,6 +68,13 @@ class DataConfig:
     partition: Literal["iid", "topic", "dirichlet"] = "iid"
     alpha: float = 0.5
 
+    def __post_init__(self) -> None:
+        check_dataset_name("data.calibration", self.calibration)
+        if self.nsamples < 1:
+            raise UserError(f"data.nsamples={self.nsamples}: need at least 1 calibration window")
+        check_seqlen("data.seqlen", self.seqlen)
+        check_positive("data.alpha", self.alpha)
+
 
 @dataclass
 class EvalConfig:
@@ -72,6 +91,15 @@ class EvalConfig:
     seqlen: int = 512
     max_windows: Optional[int] = 32
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise UserError("eval.datasets is empty")
+        for name in self.datasets:
+            check_dataset_name("eval.datasets", name)
+        check_seqlen("eval.seqlen", self.seqlen)
+        check_at_least("eval.max_windows", self.max_windows, 1, nullable=True)
+        check_at_least("eval.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -95,6 +123,18 @@ class PruningConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     offload: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pattern != "unstructured":
+            match = _PATTERN.match(self.pattern)
+            if not match:
+                raise UserError(f"pruning.pattern={self.pattern!r}: use 'unstructured' or 'N:M' such as 2:4")
+            if not 0 < int(match.group(1)) < int(match.group(2)):
+                raise UserError(f"pruning.pattern={self.pattern!r}: N:M needs 0 < N < M")
+        if not (math.isfinite(self.sparsity) and 0 <= self.sparsity < 1):
+            raise UserError(f"pruning.sparsity={self.sparsity}: must be in [0, 1)")
+        check_at_least("pruning.blocksize", self.blocksize, 1)
+        check_positive("pruning.percdamp", self.percdamp)
 
     @property
     def n_m(self) -> tuple[int, int]:
@@ -188,6 +228,48 @@ class FederationConfig:
                             f"{', '.join(STRATEGIES)}")
             err.same_on_every_rank = True  # type: ignore[attr-defined]
             raise err
+        check_at_least("federation.num_clients", self.num_clients, 1)
+        check_at_least("federation.rounds", self.rounds, 1)
+        if isinstance(self.budgets, list):
+            if len(self.budgets) != self.num_clients:
+                raise UserError(f"federation.budgets has {len(self.budgets)} values; need one per client "
+                                f"(federation.num_clients={self.num_clients})")
+            for r in self.budgets:
+                if not 0 < r <= 1:
+                    raise UserError(f"federation.budgets contains {r}: every budget must be in (0, 1]")
+        if not 0 < self.budget <= 1:
+            raise UserError(f"federation.budget={self.budget}: must be in (0, 1]")
+        low, high = self.budget_range
+        if not 0 < low <= high <= 1:
+            raise UserError(f"federation.budget_range={list(self.budget_range)}: need 0 < low <= high <= 1")
+        check_positive("federation.collective_timeout_s", self.collective_timeout_s)
+        if self.fail_client is not None and not 0 <= self.fail_client < self.num_clients:
+            raise UserError(f"federation.fail_client={self.fail_client}: must be a client id in "
+                            f"0..{self.num_clients - 1} (federation.num_clients={self.num_clients}) or null")
+        if self.standalone_clients is not None and not 1 <= self.standalone_clients <= self.num_clients:
+            raise UserError(f"federation.standalone_clients={self.standalone_clients}: must be null or in "
+                            f"1..{self.num_clients} (federation.num_clients={self.num_clients})")
+        if self.paired_aggregation is not None:
+            primary = "fedavg" if self.strategy == "fedavg" else self.aggregation
+            if self.strategy not in ("fedspallm", "fedavg"):
+                raise UserError(f"federation.paired_aggregation={self.paired_aggregation}: needs strategy fedspallm or "
+                                f"fedavg, not {self.strategy}")
+            if self.paired_aggregation == primary:
+                raise UserError(f"federation.paired_aggregation={self.paired_aggregation}: the run already aggregates "
+                                f"with {primary}; pair it with the other rule")
+            if (self.client_base == "global" and self.rounds > 1) or self.freeze_mask_after is not None:
+                raise UserError(f"federation.paired_aggregation={self.paired_aggregation}: with client_base global or "
+                                "refit rounds the clients' work depends on the aggregate; run the rules separately")
+        if self.freeze_mask_after is not None:
+            if not 1 <= self.freeze_mask_after < self.rounds:
+                raise UserError(f"federation.freeze_mask_after={self.freeze_mask_after} with federation.rounds="
+                                f"{self.rounds}: the mask freezes after 1..rounds-1 rounds, or never (null)")
+            if self.strategy not in ("fedspallm", "fedavg"):
+                raise UserError(f"federation.freeze_mask_after={self.freeze_mask_after}: refitting weights needs "
+                                f"uploaded values; federation.strategy={self.strategy} has none (use fedspallm or fedavg)")
+        if not 1 <= self.fail_round <= self.rounds:
+            raise UserError(f"federation.fail_round={self.fail_round} with federation.rounds={self.rounds}: "
+                            f"must be in 1..{self.rounds}")
 
 
 _FEDERATION_DOC = FederationConfig.__doc__ or ""
@@ -220,19 +302,23 @@ class OutputConfig:
     checkpoint: bool = True
     resume: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        path = Path(self.dir)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output.dir={self.dir!r}: exists and is not a directory")
+        if self.resume is not None and not Path(self.resume).expanduser().exists():
+            raise UserError(f"output.resume={self.resume!r}: no such run directory or checkpoint file")
+
 
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
-def _is_path_like(name: str) -> bool:
-    return name not in BUILTIN_DATASETS
-
-
-def validate_dataset_name(key: str, name: str) -> None:
+def check_dataset_name(key: str, name: str) -> None:
+    """A corpus name: a built-in one, or an existing .txt/.jsonl file."""
     if name in BUILTIN_DATASETS:
         return
-    path = Path(name)
-    if path.suffix not in (".txt", ".jsonl", ".json"):
+    path = Path(name).expanduser()
+    if path.suffix not in (".txt", ".jsonl"):
         raise UserError(
             f"{key}={name!r}: unknown dataset; use one of {', '.join(BUILTIN_DATASETS)} "
             "or a path to a .txt or .jsonl file"
@@ -241,115 +327,21 @@ def validate_dataset_name(key: str, name: str) -> None:
         raise UserError(f"{key}={name!r}: file not found")
 
 
-def validate_pruning(cfg: PruningConfig) -> None:
-    if cfg.pattern != "unstructured":
-        match = _PATTERN.match(cfg.pattern)
-        if not match:
-            raise UserError(f"pruning.pattern={cfg.pattern!r}: use 'unstructured' or 'N:M' such as 2:4")
-        n, m = int(match.group(1)), int(match.group(2))
-        if not 0 < n < m:
-            raise UserError(f"pruning.pattern={cfg.pattern!r}: N:M needs 0 < N < M")
-    if not (isinstance(cfg.sparsity, (int, float)) and math.isfinite(cfg.sparsity) and 0 <= cfg.sparsity < 1):
-        raise UserError(f"pruning.sparsity={cfg.sparsity}: must be in [0, 1)")
-    if cfg.blocksize < 1:
-        raise UserError(f"pruning.blocksize={cfg.blocksize}: must be >= 1")
-    if not (math.isfinite(cfg.percdamp) and cfg.percdamp > 0):
-        raise UserError(f"pruning.percdamp={cfg.percdamp}: must be > 0")
+def check_at_least(key: str, value: int | None, low: int, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    if value is None or value < low:
+        raise UserError(f"{key}={value}: must be >= {low}" + (" or null" if nullable else ""))
 
 
-def validate_model(cfg: ModelConfig) -> None:
-    name = cfg.name_or_path
-    if not name:
-        raise UserError("model.name_or_path is empty")
-    looks_local = name.endswith(".gguf") or name.startswith((".", "/", "~")) or Path(name).exists()
-    if looks_local and name != "default" and not Path(name).expanduser().exists():
-        raise UserError(f"model.name_or_path={name!r}: no such file or directory")
+def check_positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{key}={value}: must be > 0")
 
 
-def validate_data(cfg: DataConfig) -> None:
-    validate_dataset_name("data.calibration", cfg.calibration)
-    if cfg.nsamples < 1:
-        raise UserError(f"data.nsamples={cfg.nsamples}: need at least 1 calibration window")
-    if cfg.seqlen <= 1:
-        raise UserError(f"data.seqlen={cfg.seqlen}: must be > 1")
-    if not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
-        raise UserError(f"data.alpha={cfg.alpha}: must be > 0")
-
-
-def validate_eval(cfg: EvalConfig) -> None:
-    if not cfg.datasets:
-        raise UserError("eval.datasets is empty")
-    for name in cfg.datasets:
-        validate_dataset_name("eval.datasets", name)
-    if cfg.seqlen <= 1:
-        raise UserError(f"eval.seqlen={cfg.seqlen}: must be > 1")
-    if cfg.max_windows is not None and cfg.max_windows < 1:
-        raise UserError(f"eval.max_windows={cfg.max_windows}: must be >= 1 or null")
-    if cfg.batch_size < 1:
-        raise UserError(f"eval.batch_size={cfg.batch_size}: must be >= 1")
-
-
-def validate_federation(cfg: FederationConfig, data: DataConfig) -> None:
-    if cfg.num_clients < 1:
-        raise UserError(f"federation.num_clients={cfg.num_clients}: must be >= 1")
-    if cfg.num_clients > data.nsamples:
-        raise UserError(
-            f"federation.num_clients={cfg.num_clients}: more clients than calibration samples "
-            f"(data.nsamples={data.nsamples}); every client needs at least one window"
-        )
-    if cfg.rounds < 1:
-        raise UserError(f"federation.rounds={cfg.rounds}: must be >= 1")
-    if isinstance(cfg.budgets, list):
-        if len(cfg.budgets) != cfg.num_clients:
-            raise UserError(
-                f"federation.budgets has {len(cfg.budgets)} values; need one per client "
-                f"(federation.num_clients={cfg.num_clients})"
-            )
-        for r in cfg.budgets:
-            if not (isinstance(r, (int, float)) and 0 < r <= 1):
-                raise UserError(f"federation.budgets contains {r}: every budget must be in (0, 1]")
-    if not 0 < cfg.budget <= 1:
-        raise UserError(f"federation.budget={cfg.budget}: must be in (0, 1]")
-    low, high = cfg.budget_range
-    if not 0 < low <= high <= 1:
-        raise UserError(f"federation.budget_range={list(cfg.budget_range)}: need 0 < low <= high <= 1")
-    if not (math.isfinite(cfg.collective_timeout_s) and cfg.collective_timeout_s > 0):
-        raise UserError(f"federation.collective_timeout_s={cfg.collective_timeout_s}: must be > 0")
-    if cfg.fail_client is not None and not 0 <= cfg.fail_client < cfg.num_clients:
-        raise UserError(
-            f"federation.fail_client={cfg.fail_client}: must be a client id in 0..{cfg.num_clients - 1} or null"
-        )
-    if cfg.standalone_clients is not None and not 1 <= cfg.standalone_clients <= cfg.num_clients:
-        raise UserError(f"federation.standalone_clients={cfg.standalone_clients}: must be null or in "
-                        f"1..{cfg.num_clients} (federation.num_clients)")
-    if cfg.paired_aggregation is not None:
-        primary = "fedavg" if cfg.strategy == "fedavg" else cfg.aggregation
-        if cfg.strategy not in ("fedspallm", "fedavg"):
-            raise UserError(f"federation.paired_aggregation={cfg.paired_aggregation}: needs strategy fedspallm or "
-                            f"fedavg, not {cfg.strategy}")
-        if cfg.paired_aggregation == primary:
-            raise UserError(f"federation.paired_aggregation={cfg.paired_aggregation}: the run already aggregates "
-                            f"with {primary}; pair it with the other rule")
-        if (cfg.client_base == "global" and cfg.rounds > 1) or cfg.freeze_mask_after is not None:
-            raise UserError(f"federation.paired_aggregation={cfg.paired_aggregation}: with client_base global or "
-                            "refit rounds the clients' work depends on the aggregate; run the rules separately")
-    if cfg.freeze_mask_after is not None:
-        if not 1 <= cfg.freeze_mask_after < cfg.rounds:
-            raise UserError(f"federation.freeze_mask_after={cfg.freeze_mask_after}: must be null or in "
-                            f"1..{cfg.rounds - 1} (fewer than federation.rounds={cfg.rounds})")
-        if cfg.strategy not in ("fedspallm", "fedavg"):
-            raise UserError(f"federation.freeze_mask_after={cfg.freeze_mask_after}: refitting weights needs "
-                            f"uploaded values; federation.strategy={cfg.strategy} has none (use fedspallm or fedavg)")
-    if not 1 <= cfg.fail_round <= cfg.rounds:
-        raise UserError(f"federation.fail_round={cfg.fail_round}: must be in 1..{cfg.rounds} (federation.rounds)")
-
-
-def validate_output(cfg: OutputConfig) -> None:
-    path = Path(cfg.dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output.dir={cfg.dir!r}: exists and is not a directory")
-    if cfg.resume is not None and not Path(cfg.resume).expanduser().exists():
-        raise UserError(f"output.resume={cfg.resume!r}: no such run directory or checkpoint file")
+def check_seqlen(key: str, value: int) -> None:
+    if value <= 1:
+        raise UserError(f"{key}={value}: must be > 1 (a window predicts its tokens from the ones before)")
 
 
 @dataclass
@@ -374,18 +366,13 @@ class RuntimeConfig:
     progress: bool = True
     threads: int = 0
 
-
-def validate_runtime(cfg: RuntimeConfig) -> None:
-    if cfg.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):
-        raise UserError(f"runtime.accelerator={cfg.accelerator!r}: use auto, cpu, cuda, gpu or mps")
-    if cfg.devices < 1:
-        raise UserError(f"runtime.devices={cfg.devices}: must be >= 1")
-    if cfg.num_nodes < 1:
-        raise UserError(f"runtime.num_nodes={cfg.num_nodes}: must be >= 1")
-    if cfg.batch_size < 1:
-        raise UserError(f"runtime.batch_size={cfg.batch_size}: must be >= 1")
-    if cfg.threads < 0:
-        raise UserError(f"runtime.threads={cfg.threads}: must be >= 0")
+    def __post_init__(self) -> None:
+        if self.accelerator not in ("auto", "cpu", "cuda", "gpu", "mps"):
+            raise UserError(f"runtime.accelerator={self.accelerator!r}: use auto, cpu, cuda, gpu or mps")
+        check_at_least("runtime.devices", self.devices, 1)
+        check_at_least("runtime.num_nodes", self.num_nodes, 1)
+        check_at_least("runtime.batch_size", self.batch_size, 1)
+        check_at_least("runtime.threads", self.threads, 0)
 
 
 @dataclass
@@ -452,3 +439,54 @@ class FitConfig:
     local_steps: int = 20
     partition: Literal["iid", "topic", "dirichlet"] = "iid"
     alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        from fedspallm.lit import parse_trainable
+
+        check_dataset_name("fit.dataset", self.dataset)
+        if self.val_dataset is not None:
+            check_dataset_name("fit.val_dataset", self.val_dataset)
+        check_seqlen("fit.seqlen", self.seqlen)
+        for key in ("batch_size", "max_steps", "accumulate_grad_batches", "val_every", "num_clients", "rounds",
+                    "local_steps"):
+            check_at_least(f"fit.{key}", getattr(self, key), 1)
+        check_at_least("fit.max_windows", self.max_windows, 1, nullable=True)
+        check_at_least("fit.warmup_steps", self.warmup_steps, 0)
+        check_positive("fit.lr", self.lr)
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"fit.weight_decay={self.weight_decay}: must be >= 0")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise UserError(f"fit.momentum={self.momentum}: must be in [0, 1)")
+        if self.gradient_clip_val is not None:
+            check_positive("fit.gradient_clip_val", self.gradient_clip_val)
+        check_positive("fit.alpha", self.alpha)
+        parse_trainable(self.trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules between sections
+
+
+def check_prune(data: DataConfig, pruning: PruningConfig, federation: FederationConfig) -> None:
+    """The rules between the sections of a ``prune`` config (each section checked its own keys)."""
+    if federation.num_clients > data.nsamples:
+        raise UserError(
+            f"federation.num_clients={federation.num_clients}: more clients than calibration samples "
+            f"(data.nsamples={data.nsamples}); every client needs at least one window"
+        )
+    if pruning.n_m != (0, 0) and not federation.expansion:
+        raise UserError(f"pruning.pattern={pruning.pattern} with federation.expansion=false: only expansion makes "
+                        f"an aggregate {pruning.pattern} (averaging keeps whatever any client kept); set "
+                        "federation.expansion true or prune unstructured")
+
+
+def check_fit(fit: FitConfig, eval: EvalConfig, output: OutputConfig) -> str:
+    """The rules between the sections of a ``fit`` config; returns the validation corpus's name."""
+    if output.resume is not None:
+        raise UserError("output.resume: fit does not resume; start a new fit from the exported model instead")
+    val_name = fit.val_dataset or (fit.dataset if fit.dataset in BUILTIN_DATASETS else eval.datasets[0])
+    is_file = Path(fit.dataset).suffix in (".txt", ".jsonl")
+    if is_file and Path(fit.dataset).expanduser().resolve() == Path(val_name).expanduser().resolve():
+        raise UserError(f"fit.val_dataset={val_name!r} is the training file fit.dataset; a local file has no held-out "
+                        "split, so pass a different file as fit.val_dataset (or first in eval.datasets)")
+    return val_name

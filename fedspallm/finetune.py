@@ -25,12 +25,10 @@ crosses a process boundary.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,68 +36,19 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
-from fedspallm.config import (
-    BUILTIN_DATASETS,
-    EvalConfig,
-    FitConfig,
-    ModelConfig,
-    OutputConfig,
-    RuntimeConfig,
-    validate_dataset_name,
-    validate_eval,
-    validate_model,
-    validate_output,
-    validate_runtime,
-)
+from fedspallm.config import EvalConfig, FitConfig, ModelConfig, OutputConfig, RuntimeConfig, check_fit
 from fedspallm.data import Corpora, even_split, eval_windows, plan_calibration, token_stream
 from fedspallm.errors import UserError
 from fedspallm.federated.aggregation import WeightedSum, weighted_average
 from fedspallm.federated.collectives import PlainReducer, Reducer
 from fedspallm.federated.rounds import check_processes, clients_of_rank
-from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor, parse_trainable
+from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor
 from fedspallm.environment import describe_environment
 from fedspallm.models import context_length, load_model, prunable_modules
 from fedspallm.outputs import atomic_write_json, export_hf, sparsity_report
 from fedspallm.preflight import launched_processes, same_on_every_rank
 from fedspallm.reporting import RunReporter, tensorboard_logger
 from fedspallm.runtime import make_fabric, peak_rss_bytes, quiet_libraries
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation (before any weights load)
-
-
-def validate_fit(cfg: FitConfig) -> None:
-    validate_dataset_name("fit.dataset", cfg.dataset)
-    if cfg.val_dataset is not None:
-        validate_dataset_name("fit.val_dataset", cfg.val_dataset)
-    if cfg.seqlen <= 1:
-        raise UserError(f"fit.seqlen={cfg.seqlen}: must be > 1")
-    positive = {"fit.batch_size": cfg.batch_size, "fit.max_steps": cfg.max_steps,
-                "fit.accumulate_grad_batches": cfg.accumulate_grad_batches, "fit.val_every": cfg.val_every,
-                "fit.num_clients": cfg.num_clients, "fit.rounds": cfg.rounds, "fit.local_steps": cfg.local_steps}
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"{key}={value}: must be >= 1")
-    if cfg.max_windows is not None and cfg.max_windows < 1:
-        raise UserError(f"fit.max_windows={cfg.max_windows}: must be >= 1 or null")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise UserError(f"fit.lr={cfg.lr}: must be > 0")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise UserError(f"fit.weight_decay={cfg.weight_decay}: must be >= 0")
-    if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
-        raise UserError(f"fit.momentum={cfg.momentum}: must be in [0, 1)")
-    if cfg.warmup_steps < 0:
-        raise UserError(f"fit.warmup_steps={cfg.warmup_steps}: must be >= 0")
-    if cfg.gradient_clip_val is not None and not (math.isfinite(cfg.gradient_clip_val) and cfg.gradient_clip_val > 0):
-        raise UserError(f"fit.gradient_clip_val={cfg.gradient_clip_val}: must be > 0 or null")
-    if not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
-        raise UserError(f"fit.alpha={cfg.alpha}: must be > 0")
-    parse_trainable(cfg.trainable)
-
-
-def _same_file(a: str, b: str) -> bool:
-    return Path(a).suffix in (".txt", ".jsonl") and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,20 +231,9 @@ def _finish(results: dict[str, Any], net: nn.Module, tokenizer: Any, reporter: R
 # The recipe
 
 
-def check_settings(model: ModelConfig, fit: FitConfig, eval: EvalConfig, output: OutputConfig,
-                   runtime: RuntimeConfig) -> str:
-    """Every value and the rules between them; returns the validation corpus's name."""
-    validate_model(model)
-    validate_fit(fit)
-    validate_eval(eval)
-    validate_output(output)
-    validate_runtime(runtime)
-    if output.resume is not None:
-        raise UserError("output.resume: fit does not resume; start a new fit from the exported model instead")
-    val_name = fit.val_dataset or (fit.dataset if fit.dataset in BUILTIN_DATASETS else eval.datasets[0])
-    if _same_file(fit.dataset, val_name):
-        raise UserError(f"fit.val_dataset={val_name!r} is the training file; a local file has no held-out split, "
-                        "so pass a different file as fit.val_dataset (or first in eval.datasets)")
+def check_settings(fit: FitConfig, eval: EvalConfig, output: OutputConfig, runtime: RuntimeConfig) -> str:
+    """The rules between sections and the processes this run has; returns the validation corpus's name."""
+    val_name = check_fit(fit, eval, output)
     processes, how = launched_processes(runtime)
     processes = 2 if processes is None else processes  # not a plain number (e.g. devices "auto"): several
     if not fit.federated and processes > 1:
@@ -327,7 +265,7 @@ def finetune(
         seed: seeds the window order, the client partition, dropout and the data order of every client.
     """
     try:  # every check before any weights load; each process fails alike, so the CLI prints it once
-        val_name = check_settings(model, fit, eval, output, runtime)
+        val_name = check_settings(fit, eval, output, runtime)
     except UserError as err:
         raise same_on_every_rank(err) from None
     quiet_libraries()

@@ -1,7 +1,8 @@
 """Checks before any weights are loaded: every config value, the files they name, and the model's shapes.
 
 ``preflight`` runs first in ``prune``, in every process, before Fabric starts other processes.
-Besides the per-key rules of :mod:`fedspallm.config` it opens what the config points at, cheaply:
+The config's own rules (:mod:`fedspallm.config`) have run when its dataclasses were built; preflight
+adds the rules between sections and opens what the config points at, cheaply:
 
 - model files: a GGUF file must parse (magic, header, tensor table covered by the file); a local
   Hugging Face directory needs a readable config.json and complete weight files (each safetensors
@@ -42,13 +43,7 @@ from fedspallm.config import (
     OutputConfig,
     PruningConfig,
     RuntimeConfig,
-    validate_data,
-    validate_eval,
-    validate_federation,
-    validate_model,
-    validate_output,
-    validate_pruning,
-    validate_runtime,
+    check_prune,
 )
 from fedspallm.data import Corpora
 from fedspallm.errors import UserError
@@ -94,7 +89,8 @@ def preflight(seed: int, model: ModelConfig, data: DataConfig, eval: EvalConfig,
 
 
 def launched_processes(runtime: RuntimeConfig) -> tuple[int | None, str]:
-    """How many processes this run will have, and the flag that sets it (None if not a plain number)."""
+    """How many processes this run will have, and the flag that sets it (None if not a plain number).
+    Under ``fabric run`` the launcher's flags win over ``runtime``."""
     from lightning.fabric.connector import _is_using_cli
 
     if _is_using_cli():
@@ -107,14 +103,9 @@ def launched_processes(runtime: RuntimeConfig) -> tuple[int | None, str]:
 
 def validate_config(model: ModelConfig, data: DataConfig, eval: EvalConfig, pruning: PruningConfig,
                     federation: FederationConfig, output: OutputConfig, runtime: RuntimeConfig) -> None:
-    """Every key on its own, then the rules between keys (no files opened)."""
-    validate_model(model)
-    validate_data(data)
-    validate_eval(eval)
-    validate_pruning(pruning)
-    validate_federation(federation, data)
-    validate_output(output)
-    validate_runtime(runtime)
+    """The rules between sections, and the processes this run has (no files opened; every section has
+    checked its own keys when it was built)."""
+    check_prune(data, pruning, federation)
     from fedspallm.federated.rounds import check_processes
     from fedspallm.federated.strategies import STRATEGIES, get_strategy
 
@@ -155,7 +146,7 @@ def check_model_files(cfg: ModelConfig) -> tuple[Path | None, Path | None]:
         converted = _gguf_cache_dir(path)
         return (converted, None) if (converted / "config.json").is_file() else (None, path)
     if not path.exists():
-        return None, None  # a hub id (validate_model rejected missing local-looking paths)
+        return None, None  # a hub id (ModelConfig rejected missing local-looking paths)
     if not path.is_dir():
         raise UserError(f"model.name_or_path={name!r}: a model is a Hugging Face directory or a .gguf file")
     if not (path / "config.json").is_file():

@@ -39,7 +39,7 @@ def test_budgets_linear():
     [([0.5, 0.5], 3), ([0.0, 0.5], 2), ([1.5], 1), ("spread", 2), ("linear", 0)],
 )
 def test_budgets_rejects_bad_input(budgets, k):
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):  # the user's rules are FederationConfig's (tests/test_validation.py)
         client_budgets(budgets, k)
 
 

@@ -130,6 +130,10 @@ CASES = [
     ("freeze-mask-with-mask-vote", ["--federation.rounds", "2", "--federation.freeze_mask_after", "1",
                                     "--federation.strategy", "mask_vote"],
      ["federation.freeze_mask_after=1", "mask_vote"]),
+    ("nm-without-expansion", ["--pruning.pattern", "2:4", "--federation.expansion", "false"],
+     ["pruning.pattern=2:4", "federation.expansion=false"]),
+    ("freeze-mask-at-the-last-round", ["--federation.rounds", "3", "--federation.freeze_mask_after", "3"],
+     ["federation.freeze_mask_after=3", "federation.rounds=3"]),
     ("standalone-sample-too-large", ["--federation.standalone_clients", "3"],
      ["federation.standalone_clients=3", "1..2"]),
     ("paired-with-itself", ["--federation.paired_aggregation", "l0"],
@@ -212,3 +216,24 @@ def test_fabric_run_with_more_devices_than_clients(tiny_model_dir, tmp_path):
     assert "fabric run --devices 4" in ours[0] and "federation.num_clients=2" in ours[0]
     before = done.stderr.split(ours[0])[0]
     assert "Traceback" not in before and not re.search(r'File "[^"]*fedspallm/', done.stderr), done.stderr
+
+
+def test_each_section_checks_its_own_keys_when_built():
+    """The rules live on the dataclasses: a config object that exists is valid (no CLI involved)."""
+    import dataclasses
+
+    from fedspallm.config import DataConfig, FederationConfig, FitConfig, PruningConfig, check_prune
+    from fedspallm.errors import UserError
+
+    with pytest.raises(UserError, match=r"^federation.freeze_mask_after=2 with federation.rounds=2: "):
+        FederationConfig(rounds=2, freeze_mask_after=2)
+    with pytest.raises(UserError, match=r"^federation.budgets contains 1.5: every budget must be in \(0, 1\]$"):
+        FederationConfig(num_clients=2, budgets=[0.5, 1.5])
+    with pytest.raises(UserError, match=r"^fit.lr=0.0: must be > 0$"):
+        FitConfig(lr=0.0)
+    with pytest.raises(UserError, match=r"^data.seqlen=1: must be > 1"):
+        dataclasses.replace(DataConfig(), seqlen=1)  # replace builds a new object: checked again
+    with pytest.raises(UserError, match=r"^federation.num_clients=8: .*\(data.nsamples=4\)"):
+        check_prune(DataConfig(nsamples=4), PruningConfig(), FederationConfig(num_clients=8))
+    check_prune(DataConfig(nsamples=4), PruningConfig(pattern="2:4"), FederationConfig(num_clients=4))
+

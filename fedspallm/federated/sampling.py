@@ -29,33 +29,19 @@ def client_budgets(
     ``"linear"`` spreads the clients evenly from ``budget_range[0]`` to ``budget_range[1]``
     (a single client gets the upper end).
     """
-    if num_clients < 1:
-        raise UserError(f"federation.num_clients must be >= 1, got {num_clients}")
-    if isinstance(budgets, str):
-        if budgets == "uniform":
-            values = [float(budget)] * num_clients
-        elif budgets == "linear":
-            low, high = (float(x) for x in budget_range)
-            if low > high:
-                raise UserError(f"budget range must be (low, high) with low <= high, got {budget_range}")
-            if num_clients == 1:
-                values = [high]
-            else:
-                step = (high - low) / (num_clients - 1)
-                values = [low + i * step for i in range(num_clients - 1)] + [high]
-        else:
-            raise UserError(
-                f"federation.budgets must be a list of fractions or one of {BUDGET_SPREADS}, got {budgets!r}"
-            )
+    if isinstance(budgets, str) and budgets not in BUDGET_SPREADS:
+        raise ValueError(f"budgets must be a list or one of {BUDGET_SPREADS}, got {budgets!r}")
+    if budgets == "uniform":
+        values = [float(budget)] * num_clients
+    elif budgets == "linear":
+        low, high = (float(x) for x in budget_range)
+        step = (high - low) / (num_clients - 1) if num_clients > 1 else 0.0
+        values = [low + i * step for i in range(num_clients - 1)] + [high]
     else:
         values = [float(x) for x in budgets]
-        if len(values) != num_clients:
-            raise UserError(
-                f"federation.budgets has {len(values)} values but federation.num_clients is {num_clients}"
-            )
-    for r in values:
-        if not 0.0 < r <= 1.0:
-            raise UserError(f"every client budget must be in (0, 1], got {r}")
+    # The user's rules are FederationConfig's; here a bad value is a programming error.
+    if num_clients < 1 or len(values) != num_clients or not all(0.0 < r <= 1.0 for r in values):
+        raise ValueError(f"client budgets {values} for {num_clients} clients: need one in (0, 1] per client")
     return values
 
 
