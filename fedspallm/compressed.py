@@ -4,6 +4,16 @@ A dense checkpoint of a 70%-sparse model is as large as the dense one, because z
 Here a pruned [out, in] matrix costs out*in/8 bytes of mask plus its non-zeros; everything else
 (embeddings, norms, biases) is stored as it is. ``load_compressed`` rebuilds a normal transformers
 model from the file alone (the model config travels in the safetensors metadata).
+
+Layout of ``model_compressed.safetensors``, format version 1 (the README says why it is our own):
+
+- metadata ``format``: ``"fedspallm-bitmask-v1"`` (name and version); ``config``: the model's
+  ``config.to_json_string(use_diff=False)``; ``shapes``: JSON ``{weight key: [out, in]}`` of the
+  pruned matrices;
+- for each pruned matrix ``K`` (``<module>.weight``): ``K::mask``, uint8, the row-major keep mask
+  (1 = kept, i.e. non-zero) packed big-endian 8 per byte (``numpy.packbits``), ``ceil(out*in/8)``
+  bytes; ``K::values``, the kept values in row-major order, in the weight's dtype;
+- every other tensor of the state dict under its own name, as it is (tied tensors once).
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from torch import nn
 from fedspallm.errors import UserError
 from fedspallm.models import prunable_modules
 
-FORMAT = "fedspallm-bitmask-v1"
+FORMAT_NAME = "fedspallm-bitmask"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}-v{FORMAT_VERSION}"
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -80,8 +92,13 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types on truncated or corrupt files
         raise UserError(f"{path}: not a readable safetensors file ({err})".splitlines()[0]) from None
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{path}: not a fedspallm compressed checkpoint (format {metadata.get('format')!r})")
+    written = metadata.get("format") or ""
+    name, _, version = written.rpartition("-v")
+    if name != FORMAT_NAME:
+        raise UserError(f"{path}: not a fedspallm compressed checkpoint (format {written or None!r})")
+    if version != str(FORMAT_VERSION):
+        raise UserError(f"{path}: compressed format version {version}, but this fedspallm reads version "
+                        f"{FORMAT_VERSION} only ({FORMAT}); load it with the fedspallm that wrote it")
     config_dict = json.loads(metadata["config"])
     config = AutoConfig.for_model(**config_dict)
     shapes = json.loads(metadata["shapes"])

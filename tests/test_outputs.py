@@ -222,6 +222,27 @@ def test_truncated_compressed_file_is_a_user_error(run_dir, tmp_path, keep):
         load_compressed(broken)
 
 
+@pytest.mark.parametrize("written, message", [
+    ("fedspallm-bitmask-v2", r"compressed format version 2, but this fedspallm reads version 1 only"),
+    ("compressed-tensors", r"not a fedspallm compressed checkpoint \(format 'compressed-tensors'\)"),
+])
+def test_compressed_file_of_another_format_is_refused_in_one_line(run_dir, tmp_path, written, message):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fedspallm.compressed import load_compressed
+
+    source = run_dir / "model_compressed.safetensors"
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "fedspallm-bitmask-v1"
+    other = tmp_path / "other.safetensors"
+    save_file(load_file(source), other, metadata={**metadata, "format": written})
+    with pytest.raises(UserError, match=message) as err:
+        load_compressed(other)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(other))
+
+
 def test_compressed_size(run_dir, results, record_property):
     """Honest sizes. The tiny model is 95% embedding (49152 x 64, tied), which is stored dense, so the
     whole file shrinks only a little; the prunable projections shrink to mask + kept values, i.e.
