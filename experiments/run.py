@@ -231,7 +231,6 @@ def execute(job: tuple[str, list[str], str]) -> str | None:
     from fedspallm.runtime import reset_peak_rss
 
     name, args, directory = job
-    out_flag = "--output_dir" if args[0] == "validate" else "--output.dir"
     shutil.rmtree(directory, ignore_errors=True)  # what an interrupted attempt left; results.json was missing
     Path(directory).mkdir(parents=True)
     started = time.perf_counter()
@@ -239,7 +238,7 @@ def execute(job: tuple[str, list[str], str]) -> str | None:
     reset_peak_rss()
     with open(Path(directory) / "run.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            fedspallm_run([*args, out_flag, directory])
+            fedspallm_run([*args, "--output.dir", directory])
         except SystemExit as stop:
             if stop.code:
                 return f"{name} failed (exit {stop.code}); see {Path(directory) / 'run.log'}"

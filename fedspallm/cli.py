@@ -1,10 +1,13 @@
 """The ``fedspallm`` command: LightningCLI-style subcommands driven by typed signatures (jsonargparse).
 
     fedspallm prune    --config configs/default.yaml --pruning.sparsity 0.8
-    fedspallm validate --model.name_or_path lightning_logs/version_0/model
+    fedspallm validate --model.name_or_path lightning_logs/version_0/model --output.dir evals
     fedspallm prune    --print_config > my.yaml
 
-Errors in the user's input print one ``error: ...`` line and exit with status 2.
+Every subcommand that runs a model (``prune``, ``validate``/``test``, ``fit``) takes the same
+``--config``, ``--print_config``, ``--seed``, ``--model.*``, ``--eval.*``, ``--runtime.*`` and
+``--output.dir``, with the same meaning. Errors in the user's input print one ``error: ...`` line and
+exit with status 2: jsonargparse's own message for types and choices, the config's for values.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -66,54 +68,16 @@ def _dump(sub: ArgumentParser, cfg: Namespace) -> str:
     return sub.dump(cfg, skip_unset=False)
 
 
-_KEY = re.compile(r'Parser key "([^"]+)"')
-_GOT = re.compile(r"Expected a (.+?)\. Got value: (.*)$")
-_TYPE_NAMES = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
-               "list": "a list such as [a, b]", "dict": "a mapping", "NoneType": "null"}
+def one_line(err: ArgumentError) -> str:
+    """jsonargparse's own message on one line.
 
-
-def _allowed(type_text: str) -> str:
-    """"typing.Literal['a', 'b']" -> "one of a, b"; "<class 'int'>" -> "an integer"."""
-    literal = re.fullmatch(r"typing\.Literal\[(.*)\]", type_text.strip())
-    if literal:
-        return "one of " + ", ".join(v.strip().strip("'\"") for v in literal.group(1).split(","))
-    plain = re.fullmatch(r"<class '(\w+)'>", type_text.strip())
-    if plain:
-        return _TYPE_NAMES.get(plain.group(1), plain.group(1))
-    return type_text.replace("typing.", "")
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split "a[b, c], d" at the commas outside brackets."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    return parts + [text[start:].strip()]
-
-
-def _first_line(err: BaseException) -> str:
-    """One line from a jsonargparse error: the key, the value given and what is allowed."""
-    text = str(err).strip() or type(err).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    key = _KEY.search(text)
-    if key is not None:
-        got = next((m for m in map(_GOT.search, lines) if m), None)
-        if got is not None and "Subtypes:" not in text:
-            return f"{key.group(1)}={got.group(2)!r}: expected {_allowed(got.group(1))}"
-        given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
-        subtypes = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Subtypes:")), None)
-        if given is not None and subtypes is not None:
-            kinds = [_allowed(t) for t in _split_top_level(subtypes[1:-1])]
-            return f"{key.group(1)}={given}: expected {' or '.join(kinds)}"
-        reason = text[key.end():].lstrip(": \n").splitlines()[0].strip()
-        if reason:
-            return f"--{key.group(1)}: {reason}"
-    # jsonargparse nests the reason under a generic header; the most specific line is the useful one.
-    specific = [line for line in lines if not line.startswith(("Parser key", "Problem with given class", "- "))]
-    return (specific or lines)[0] if len(lines) < 3 else "; ".join(lines[:3])
+    Its messages name the key, the value and what was expected, spread over several lines; for a
+    union type they add one nested line per member type ("- Expected ..."), which only repeats the
+    subtypes already listed, and the given value's Python type. Those are left out; the rest is joined.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("- ", "Errors:", "Given value type:"))]
+    return " ".join(kept) or type(err).__name__
 
 
 def _rank() -> int:
@@ -175,7 +139,10 @@ def run(argv: list[str] | None = None) -> Any:
         name = cfg.subcommand
         sub_cfg = cfg[name]
         config_yaml = _dump(subparsers[name], sub_cfg)
-        init = subparsers[name].instantiate(sub_cfg)
+        try:
+            init = subparsers[name].instantiate(sub_cfg)  # each config section checks its values here
+        except UserError as err:
+            _fail(str(err), 2, every_rank_same=True)
         kwargs = {k: v for k, v in init.items() if k != "config"}
         if "config_yaml" in functions[name].__code__.co_varnames:
             kwargs["config_yaml"] = config_yaml
@@ -184,7 +151,7 @@ def run(argv: list[str] | None = None) -> Any:
         _fail(str(err), getattr(err, "exit_code", 2), every_rank_same=getattr(err, "same_on_every_rank", False),
               quiet=getattr(err, "quiet", False))
     except ArgumentError as err:
-        _fail(_first_line(err), 2, every_rank_same=True)
+        _fail(one_line(err), 2, every_rank_same=True)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -281,7 +281,23 @@ def document_strategies(text: str) -> None:
 
 
 @dataclass
-class OutputConfig:
+class OutputDirConfig:
+    """Where the run writes (``validate``/``test``; ``prune`` and ``fit`` take :class:`OutputConfig`).
+
+    Args:
+        dir: root of the run directories (version_N is created inside).
+    """
+
+    dir: str = "lightning_logs"
+
+    def __post_init__(self) -> None:
+        path = Path(self.dir)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output.dir={self.dir!r}: exists and is not a directory")
+
+
+@dataclass
+class OutputConfig(OutputDirConfig):
     """Outputs.
 
     Args:
@@ -296,16 +312,13 @@ class OutputConfig:
             directory.
     """
 
-    dir: str = "lightning_logs"
     save_model: bool = True
     save_compressed: bool = True
     checkpoint: bool = True
     resume: Optional[str] = None
 
     def __post_init__(self) -> None:
-        path = Path(self.dir)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"output.dir={self.dir!r}: exists and is not a directory")
+        super().__post_init__()
         if self.resume is not None and not Path(self.resume).expanduser().exists():
             raise UserError(f"output.resume={self.resume!r}: no such run directory or checkpoint file")
 

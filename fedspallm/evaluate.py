@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fedspallm.config import EvalConfig, ModelConfig, RuntimeConfig
+import torch
+
+from fedspallm.config import EvalConfig, ModelConfig, OutputDirConfig, RuntimeConfig
 from fedspallm.data import eval_windows
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
 from fedspallm.environment import describe_environment
@@ -17,26 +19,30 @@ from fedspallm.runtime import make_fabric, quiet_libraries
 
 
 def validate(
+    seed: int = 0,
     model: ModelConfig = ModelConfig(),
     eval: EvalConfig = EvalConfig(),
+    output: OutputDirConfig = OutputDirConfig(),
     runtime: RuntimeConfig = RuntimeConfig(),
-    output_dir: str = "lightning_logs",
     config_yaml: str = "",
 ) -> dict[str, Any]:
-    """Evaluate perplexity (exp of the mean token NLL over non-overlapping windows).
+    """Evaluate perplexity (exp of the mean token NLL over non-overlapping windows). results.json,
+    config.yaml and TensorBoard events go to output.dir/version_N.
 
     Args:
-        output_dir: results.json and TensorBoard events go to output_dir/version_N.
+        seed: seeds torch, as in every subcommand (the evaluation itself draws nothing at random:
+            it takes the first eval.max_windows windows).
     """
     quiet_libraries()
     started = time.perf_counter()
     fabric = make_fabric(runtime)
+    torch.manual_seed(seed)
     loaded = load_model(model)
     net = loaded.model.to(fabric.device)
     limit = context_length(net)
     if limit is not None and eval.seqlen > limit:
         raise UserError(f"eval.seqlen={eval.seqlen}: above the model's context of {limit} tokens")
-    reporter = RunReporter(fabric, output_dir, runtime.progress)
+    reporter = RunReporter(fabric, output.dir, runtime.progress)
     module = CausalLMModule(net)
     perplexity = {}
     windows_used = {}
@@ -48,6 +54,7 @@ def validate(
     results = {
         "strategy": "dense-eval",
         "model": model.name_or_path,
+        "seed": seed,
         "dtype": model.dtype,
         "perplexity": perplexity,
         "eval": {"seqlen": eval.seqlen, "windows": windows_used},

@@ -85,6 +85,80 @@ def test_print_config_round_trip_reproduces_the_run(tiny_model_dir, tmp_path, ca
 
 
 # ------------------------------------------------------------------------------------------------
+# One contract for prune, validate and fit
+
+SHARED = {"seed", "model", "eval", "output", "runtime"}
+OVERRIDES = {  # a value off its default in every shared section, and one of the subcommand's own
+    "prune": ["--pruning.sparsity", "0.5"],
+    "validate": [],
+    "fit": ["--fit.lr", "0.001"],
+}
+
+
+@pytest.mark.parametrize("command", ["prune", "validate", "fit"])
+def test_print_config_round_trips_through_config_for_every_command(command, tmp_path, capsys):
+    argv = [command, "--seed", "7", "--model.dtype", "bfloat16", "--eval.seqlen", "64", "--output.dir",
+            str(tmp_path / "runs"), "--runtime.threads", "1", *OVERRIDES[command]]
+    printed = _print_config(argv, capsys)
+    shown = yaml.safe_load(printed)
+    assert SHARED <= set(shown)
+    assert (shown["seed"], shown["model"]["dtype"], shown["eval"]["seqlen"], shown["output"]["dir"],
+            shown["runtime"]["threads"]) == (7, "bfloat16", 64, str(tmp_path / "runs"), 1)
+    config = tmp_path / f"{command}.yaml"
+    config.write_text(printed)
+    assert _print_config([command, "--config", str(config)], capsys) == printed
+    parser, subparsers, _ = build_parser()
+    init = subparsers[command].instantiate(parser.parse_args([command, "--config", str(config)])[command])
+    assert (init.seed, init.model.dtype, init.eval.seqlen, init.output.dir, init.runtime.threads) == \
+        (7, "bfloat16", 64, str(tmp_path / "runs"), 1)
+
+
+def test_shared_options_have_one_meaning(capsys):
+    helps = {}
+    for command in ("prune", "validate", "fit"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    for option, doc in [("--output.dir", "root of the run directories (version_N is created inside)"),
+                        ("--model.name_or_path", "a hub id, a local Hugging Face directory"),
+                        ("--eval.max_windows", "evaluate at most this many windows per dataset"),
+                        ("--runtime.threads", "torch threads per process"), ("--config", "A YAML config file"),
+                        ("--print_config", ""), ("--seed", "")]:
+        for command, text in helps.items():
+            assert f"{option} " in text and doc in text, (command, option)
+    assert "--output_dir" not in helps["validate"]
+
+
+@pytest.mark.parametrize("command", ["prune", "validate", "fit"])
+@pytest.mark.parametrize("args, fragments", [
+    (["--output.nope", "1"], ["unrecognized arguments: --output.nope 1"]),
+    (["--eval.seqlen", "long"], ['Parser key "eval.seqlen":', "Expected a <class 'int'>. Got value: long"]),
+    (["--model.dtype", "float8"], ['Parser key "model.dtype":', "Expected a typing.Literal['float32', 'bfloat16', "
+                                   "'float16']. Got value: float8"]),
+    (["--eval.max_windows", "many"], ['Parser key "eval.max_windows":', "Given value: many"]),
+    (["--runtime.devices", "0"], ["runtime.devices=0: must be >= 1"]),
+])
+def test_bad_shared_options_give_jsonargparse_or_the_config_one_line(command, args, fragments, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, "--output.dir", str(tmp_path / "runs"), *args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validate_writes_into_output_dir(tiny_model_dir, tmp_path):
+    root = tmp_path / "evals"
+    results = cli_run(["validate", "--model.name_or_path", tiny_model_dir, "--eval.seqlen", "64", "--eval.max_windows",
+                       "2", "--output.dir", str(root), "--runtime.progress", "false"])
+    (run,) = root.glob("version_*")
+    assert json.loads((run / "results.json").read_text())["perplexity"] == results["perplexity"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["output"] == {"dir": str(root)}
+
+
+# ------------------------------------------------------------------------------------------------
 # --help
 
 

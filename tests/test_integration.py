@@ -38,7 +38,7 @@ def test_dense_perplexity_of_the_default_model_on_its_test_split_matches_a_direc
 
     out = tmp_path / "dense"
     command = [sys.executable, "-m", "fedspallm.cli", "validate", "--eval.seqlen", "256", "--eval.max_windows", "6",
-               "--output_dir", str(out), "--runtime.progress", "false"]
+               "--output.dir", str(out), "--runtime.progress", "false"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     reported = only_results(out)["perplexity"]["default"]
