@@ -11,10 +11,10 @@ from fedspallm.config import EvalConfig, ModelConfig, OutputDirConfig, RuntimeCo
 from fedspallm.data import eval_windows
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
 from fedspallm.environment import describe_environment
-from fedspallm.models import context_length, load_model
+from fedspallm.models import load_model
 from fedspallm.outputs import atomic_write_json, sparsity_report
+from fedspallm.preflight import check_context
 from fedspallm.reporting import RunReporter
-from fedspallm.errors import UserError
 from fedspallm.runtime import make_fabric, quiet_libraries
 
 
@@ -39,9 +39,7 @@ def validate(
     torch.manual_seed(seed)
     loaded = load_model(model)
     net = loaded.model.to(fabric.device)
-    limit = context_length(net)
-    if limit is not None and eval.seqlen > limit:
-        raise UserError(f"eval.seqlen={eval.seqlen}: above the model's context of {limit} tokens")
+    check_context(net, {"eval.seqlen": eval.seqlen})
     reporter = RunReporter(fabric, output.dir, runtime.progress)
     module = CausalLMModule(net)
     perplexity = {}

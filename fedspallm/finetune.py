@@ -44,9 +44,9 @@ from fedspallm.federated.collectives import PlainReducer, Reducer
 from fedspallm.federated.rounds import check_processes, clients_of_rank
 from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor
 from fedspallm.environment import describe_environment
-from fedspallm.models import context_length, load_model, prunable_modules
+from fedspallm.models import load_model, prunable_modules
 from fedspallm.outputs import atomic_write_json, export_hf, sparsity_report
-from fedspallm.preflight import launched_processes, same_on_every_rank
+from fedspallm.preflight import check_context, launched_processes, same_on_every_rank
 from fedspallm.reporting import RunReporter, tensorboard_logger
 from fedspallm.runtime import make_fabric, peak_rss_bytes, quiet_libraries
 
@@ -276,10 +276,7 @@ def finetune(
 
     loaded = load_model(model)
     net, tokenizer = loaded.model.to(fabric.device), loaded.tokenizer
-    limit = context_length(net)
-    for key, value in (("fit.seqlen", fit.seqlen), ("eval.seqlen", eval.seqlen)):
-        if limit is not None and value > limit:
-            raise same_on_every_rank(UserError(f"{key}={value}: above the model's context of {limit} tokens"))
+    check_context(net, {"fit.seqlen": fit.seqlen, "eval.seqlen": eval.seqlen})
     total_steps = fit.rounds * fit.local_steps if fit.federated else fit.max_steps
     module = module_for(net, fit, total_steps)
     module.prepare_training()  # freeze, and take the masks from the weights as loaded

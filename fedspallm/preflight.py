@@ -236,13 +236,18 @@ def model_skeleton(cfg: ModelConfig, local_dir: Path | None, gguf: Path | None) 
         return None
 
 
-def check_lengths(net: nn.Module, data: DataConfig, eval: EvalConfig) -> None:
+def check_context(net: nn.Module, seqlens: dict[str, int]) -> None:
+    """Every window (``{key: seqlen}``) fits the model's context; an error every process raises alike."""
     from fedspallm.models import context_length
 
     limit = context_length(net)
-    for key, seqlen in (("data.seqlen", data.seqlen), ("eval.seqlen", eval.seqlen)):
+    for key, seqlen in seqlens.items():
         if limit is not None and seqlen > limit:
-            raise UserError(f"{key}={seqlen}: above the model's context of {limit} tokens")
+            raise same_on_every_rank(UserError(f"{key}={seqlen}: above the model's context of {limit} tokens"))
+
+
+def check_lengths(net: nn.Module, data: DataConfig, eval: EvalConfig) -> None:
+    check_context(net, {"data.seqlen": data.seqlen, "eval.seqlen": eval.seqlen})
 
 
 def check_shapes(net: nn.Module, seed: int, data: DataConfig, eval: EvalConfig, pruning: PruningConfig,

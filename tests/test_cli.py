@@ -158,6 +158,16 @@ def test_validate_writes_into_output_dir(tiny_model_dir, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["output"] == {"dir": str(root)}
 
 
+def test_every_command_checks_windows_against_the_context_alike(tiny_model_dir, tmp_path, capsys):
+    for command, key in [("validate", "eval.seqlen"), ("fit", "fit.seqlen")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([command, "--model.name_or_path", tiny_model_dir, f"--{key}", "300", "--output.dir",
+                      str(tmp_path / command), "--runtime.progress", "false"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_info.value.code == 2
+        assert lines == [f"error: {key}=300: above the model's context of 256 tokens"]
+
+
 # ------------------------------------------------------------------------------------------------
 # --help
 
