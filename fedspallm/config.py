@@ -20,6 +20,8 @@ from typing import Literal, Optional, Union
 from fedspallm.errors import UserError
 
 BUILTIN_DATASETS = ("default", "wikitext2", "ptb", "c4")
+#: How windows are split over clients (calibration and federated fine-tuning alike).
+Partition = Literal["iid", "topic", "dirichlet"]
 
 
 @dataclass
@@ -65,7 +67,7 @@ class DataConfig:
     calibration: str = "default"
     nsamples: int = 32
     seqlen: int = 512
-    partition: Literal["iid", "topic", "dirichlet"] = "iid"
+    partition: Partition = "iid"
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
@@ -450,7 +452,7 @@ class FitConfig:
     num_clients: int = 2
     rounds: int = 5
     local_steps: int = 20
-    partition: Literal["iid", "topic", "dirichlet"] = "iid"
+    partition: Partition = "iid"
     alpha: float = 0.5
 
     def __post_init__(self) -> None:

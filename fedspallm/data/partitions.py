@@ -10,15 +10,16 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence, get_args
 
 import numpy as np
 import torch
 
+from fedspallm.config import Partition
 from fedspallm.data.tokens import Corpora, TokenizedSplit, _encode_one
 from fedspallm.errors import UserError
 
-PARTITIONS = ("iid", "topic", "dirichlet")
+PARTITIONS = get_args(Partition)
 #: Name of the stream that joins every document of a split (the iid partition draws from it).
 ALL_STREAM = "all"
 #: Stream of the documents that have no topic in a corpus where others have one.
@@ -166,7 +167,7 @@ def _check_window_fits(name: str, length: int, seqlen: int, what: str = "") -> N
 
 
 def plan_calibration(name: str, tokenizer, nsamples: int, seqlen: int, num_clients: int,
-                     partition: Literal["iid", "topic", "dirichlet"], alpha: float, seed: int,
+                     partition: Partition, alpha: float, seed: int,
                      store: Corpora | None = None) -> CalibrationPlan:
     """Deterministic per-client calibration windows drawn from the train split of ``name``.
 
