@@ -1,4 +1,4 @@
-"""FedSpaLLM against centralized SparseGPT on the same calibration windows, measured in one run.
+"""FedSpaLLM and fedstats against centralized SparseGPT on the same calibration windows, measured in one run.
 
     python bench/federated.py                  # about 6-9 minutes on the shared 2-core CPU
 
@@ -7,8 +7,9 @@ Setting (the defaults): the embedded SmolLM2-135M in float32; SparseGPT at unstr
 ``plan_calibration("default", ..., num_clients=4, partition="iid", seed=0)``; FedSpaLLM with 4
 clients, uniform budget r = 0.5 (k = 15 of 30 blocks each), systematic sampling, l0 aggregation with
 mask expansion, 1 round; centralized SparseGPT prunes all 30 blocks on the union of the same 16
-windows (``plan.all_windows()``, as the ``centralized`` strategy does). Perplexity on 8 x 512 test
-windows. Calibration batch 8.
+windows (``plan.all_windows()``, as the ``centralized`` strategy does); fedstats with the same 4 clients
+(``--fedstats-sampling all``: every client adds statistics to every block, so the result is centralized's
+up to float rounding). Perplexity on 8 x 512 test windows. Calibration batch 8.
 
 Layout: ONE process, 4 virtual clients, run one after another by ``run_federation`` with a
 one-process ``PlainReducer`` (the sum is the input), so both runs get the same 2 cores and nothing else of this
@@ -48,6 +49,8 @@ from fedspallm.calibration import PruneSpec, prune_sequential
 from fedspallm.config import FederationConfig, ModelConfig
 from fedspallm.data import eval_windows, plan_calibration
 from fedspallm.federated.collectives import PlainReducer
+from fedspallm.federated.driver import run_steps
+from fedspallm.federated.strategies import RunContext, get_strategy
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
 from fedspallm.models import find_decoder_blocks, get_weight, load_model, prunable_modules, set_weight
 from fedspallm.outputs import model_bytes
@@ -105,6 +108,8 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fedstats-sampling", default="all", choices=("all", "systematic", "uniform"),
+                        help="fedstats' layer sampling (all: every client adds statistics to every block)")
     parser.add_argument("--allreduce-ranks", type=int, default=2,
                         help="gloo processes for the loopback all-reduce measurement (0 skips it)")
     args = parser.parse_args()
@@ -131,6 +136,24 @@ def main() -> None:
     prune_sequential(model, calibration.all_windows(), spec, batch_size=args.batch_size)
     central_s = time.perf_counter() - start
     central_ppl = perplexity()
+    central_masks = {name: get_weight(layer) != 0 for name, layer in layers.items()}
+    for name, layer in layers.items():
+        set_weight(layer, dense[name])
+
+    # fedstats, the same virtual clients: statistics summed block by block, the block pruned from the sum
+    log(started, f"fedstats, {args.clients} virtual clients, sampling {args.fedstats_sampling} ...")
+    cfg = FederationConfig(strategy="fedstats", num_clients=args.clients, budgets="uniform", budget=args.budget,
+                           sampling=args.fedstats_sampling)
+    fedstats = get_strategy("fedstats")(RunContext(model, spec, cfg, calibration, seed=args.seed,
+                                                   batch_size=args.batch_size))
+    start = time.perf_counter()
+    run_steps(fedstats, PlainReducer())
+    fedstats_s = time.perf_counter() - start
+    fedstats_ppl = perplexity()
+    agree = sum(int((get_weight(layer) != 0).eq(central_masks[name]).sum()) for name, layer in layers.items())
+    fedstats_masks = agree / sum(mask.numel() for mask in central_masks.values())
+    fedstats_codec_s = sum(log.aggregate_time_s for log in fedstats.logs)
+    fedstats_sent = fedstats.summary()["communication"]["upload_per_client"]
     for name, layer in layers.items():
         set_weight(layer, dense[name])
 
@@ -200,6 +223,9 @@ def main() -> None:
     if allreduce_s is not None:
         print(f"  {f'  all-reduce, {args.allreduce_ranks} gloo processes, loopback':<40}{allreduce_s:>9.2f}"
               f"{allreduce_s / fed_s:>8.2%}   (measured apart: not part of the run above)")
+    print(f"  {f'fedstats, sampling {args.fedstats_sampling}':<40}{fedstats_s:>9.1f}{'':>8}{fedstats_ppl:>10.2f}"
+          f"   (x{fedstats_s / central_s:.2f} centralized; masks {fedstats_masks:.4%} equal to centralized's;"
+          f" decode + prune {fedstats_codec_s:.1f} s; {statistics.mean(fedstats_sent) / MB:.1f} MB sent per client)")
     print(f"  {'FedSpaLLM critical path, 1 client/process':<40}{parallel_s:>9.1f}{'':>8}   (slowest client + its sums"
           " + all-reduce + aggregation)")
     print()
@@ -219,7 +245,8 @@ def main() -> None:
           f"{parallel_s / central_s:.2f} (critical path, 1 client/process); collective + aggregation = "
           f"{server_s / fed_s:.1%} of the federated run in-process, {overhead / parallel_s:.1%} of the critical path "
           f"with the loopback all-reduce; upload / dense model = {mean_upload / dense_model_bytes:.3f} per "
-          f"client per round; ppl FedSpaLLM / centralized = {fed_ppl / central_ppl:.2f}")
+          f"client per round; ppl FedSpaLLM / centralized = {fed_ppl / central_ppl:.2f}; fedstats / centralized "
+          f"wall time = {fedstats_s / central_s:.2f}, ppl = {fedstats_ppl / central_ppl:.4f}")
 
 
 if __name__ == "__main__":

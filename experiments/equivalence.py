@@ -2,8 +2,14 @@
 
     python experiments/equivalence.py      # writes experiments/results/equivalence.md (about 15 minutes)
 
-- FedSpaLLM with 1 client, sampling ``all`` and 1 round against centralized SparseGPT on the same windows;
-- FedSpaLLM with 4 clients in 4 processes (``fabric run --devices 4``), in 1 process and in 2 processes (2 + 2).
+- fedstats with 1 client against centralized SparseGPT on the same windows (both prune from the same
+  fixed-point finalisation of the statistics);
+- FedSpaLLM and fedstats with 4 clients in 4 processes (``fabric run --devices 4``), in 1 process and in
+  2 processes (2 + 2).
+
+FedSpaLLM with 1 client, sampling ``all`` and 1 round is SparseGPT on the same windows bit for bit
+(tests/test_federated.py); since centralized prunes from the fixed-point round trip of its statistics it
+is no longer the centralized strategy's model bit for bit.
 
 Every process runs one torch thread: BLAS reductions depend on the thread count, the process layout must not.
 The unit tests check the same on tiny models (tests/test_federated.py, tests/test_distributed.py); this
@@ -30,15 +36,20 @@ COMMON = [
     "--eval.seqlen", "128", "--eval.max_windows", "4", "--runtime.threads", "1", "--runtime.progress", "false",
     "--output.save_compressed", "false", "--output.checkpoint", "false",
 ]
+FEDSTATS = ["--federation.strategy", "fedstats"]  # the default budget 0.5: each block from 2 of the 4 clients
 # name: (launcher, the run's own flags, expected strategy and client count). The flags come after --config.
 RUNS = {
     "centralized SparseGPT, 1 process": ([sys.executable, MAIN], ["--federation.strategy", "centralized",
                                           "--federation.num_clients", "1"], ("centralized", 1)),
-    "FedSpaLLM, 1 client, sampling all, 1 round": ([sys.executable, MAIN], ["--federation.num_clients", "1",
-                                                   "--federation.sampling", "all"], ("fedspallm", 1)),
+    "fedstats, 1 client": ([sys.executable, MAIN], ["--federation.strategy", "fedstats", "--federation.num_clients",
+                                                    "1", "--federation.sampling", "all"], ("fedstats", 1)),
     "FedSpaLLM, 4 clients in 4 processes": ([FABRIC, "run", "--devices", "4", MAIN], [], ("fedspallm", 4)),
     "FedSpaLLM, 4 clients in 1 process": ([sys.executable, MAIN], [], ("fedspallm", 4)),
     "FedSpaLLM, 4 clients in 2 processes": ([sys.executable, MAIN], ["--runtime.devices", "2"], ("fedspallm", 4)),
+    "fedstats, 4 clients in 4 processes": ([FABRIC, "run", "--devices", "4", MAIN], FEDSTATS, ("fedstats", 4)),
+    "fedstats, 4 clients in 1 process": ([sys.executable, MAIN], FEDSTATS, ("fedstats", 4)),
+    "fedstats, 4 clients in 2 processes": ([sys.executable, MAIN], [*FEDSTATS, "--runtime.devices", "2"],
+                                           ("fedstats", 4)),
 }
 
 
@@ -63,7 +74,8 @@ def run(name: str, launcher: list[str], flags: list[str], expected: tuple[str, i
 def main() -> None:
     rows = {name: run(name, *spec) for name, spec in RUNS.items()}
     names = list(rows)
-    pairs = [(names[0], names[1]), (names[2], names[3]), (names[2], names[4])]
+    pairs = [(names[0], names[1]), (names[2], names[3]), (names[2], names[4]), (names[5], names[6]),
+             (names[5], names[7])]
     lines = [
         "SmolLM2-135M-Instruct (fp32), 70%, seed 0; 8 calibration windows x 128 tokens; one torch thread per process; "
         "perplexity on 4 windows x 128 tokens of the embedded test split. sha256 of the exported model.safetensors.",

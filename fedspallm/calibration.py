@@ -481,6 +481,7 @@ def prune_sequential(
     on_block: Callable[[int, int], None] | None = None,
     on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
     uncovered: str = "error",
+    finalize: Callable[[int, BlockStatistics], BlockStatistics] | None = None,
 ) -> SequentialResult:
     """Prune ``blocks_to_prune`` (all blocks when None) of ``model`` on ``windows`` ([n, seqlen] token ids).
 
@@ -500,6 +501,9 @@ def prune_sequential(
 
     ``uncovered`` says what happens to a matrix no calibration token reaches (an expert the router
     never chose): see :meth:`SequentialCalibration.prune`; ``result.uncovered`` lists them.
+
+    ``finalize(index, statistics)`` gives the statistics a block is pruned from, e.g. as they come back
+    from a sum over parties (``centralized`` shares ``fedstats``' fixed-point finalisation this way).
     """
     blocks = find_decoder_blocks(model)
     selected = sorted(set(range(len(blocks)) if blocks_to_prune is None else blocks_to_prune))
@@ -521,6 +525,8 @@ def prune_sequential(
             for name, layer in layers.items():
                 set_weight(layer, prune_from[calibration.full_name(index, name)])
         statistics = calibration.collect(index) if layers and needs_data else None
+        if statistics is not None and finalize is not None:
+            statistics = finalize(index, statistics)
         if layers:
             result.pruned.update(calibration.prune(index, statistics, fixed_masks=fixed_masks, uncovered=uncovered))
         if propagate:

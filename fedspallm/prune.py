@@ -132,6 +132,8 @@ def prune(
         def step_end(step: Step, log: StepLog) -> None:
             if on_step_end is not None:
                 on_step_end(step, log)
+            else:
+                reporter.log_step(log)
             hooks.step_done()
 
         run_steps(strategy, reducer, watch=watch, faults=FaultInjection.from_config(federation),
@@ -206,6 +208,8 @@ def prune(
         if config_yaml:
             (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
         reporter.log_sparsity(results["sparsity"])
+        if "communication" in results:
+            reporter.log_communication(results["communication"])
         reporter.summary(results)
         reporter.close()
     fabric.barrier()

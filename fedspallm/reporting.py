@@ -104,14 +104,23 @@ class RunReporter:
         elif self.rank_zero and self.logger is not None:
             self.logger.log_metrics(metrics, step=step)
 
+    def step_metrics(self, log: Any, label: str = "round") -> dict[str, float]:
+        """A step's figures (a StepLog): every client's upload bytes and local time, the step's times."""
+        metrics = {f"bytes/client_{c}": float(v) for c, v in enumerate(log.upload_bytes)}
+        metrics.update({f"time/client_{c}_s": float(v) for c, v in enumerate(log.client_seconds)})
+        metrics[f"time/{label}_s"] = log.wall_time_s
+        metrics["time/aggregate_s"] = log.aggregate_time_s
+        return metrics
+
+    def log_step(self, log: Any) -> None:
+        """Step ``log.index`` of a strategy that is not round-based (e.g. fedstats' blocks)."""
+        self.log_metrics(self.step_metrics(log, "step"), step=log.index)
+
     def log_round(self, log: Any, samples: list[list[int]], masks: dict[str, torch.Tensor]) -> None:
         """Round ``log.index``'s figures: every client's upload bytes and local time (a StepLog), the
         blocks each client pruned, and the global masks so far."""
         t = log.index
-        metrics = {f"bytes/client_{c}": float(v) for c, v in enumerate(log.upload_bytes)}
-        metrics.update({f"time/client_{c}_s": float(v) for c, v in enumerate(log.client_seconds)})
-        metrics["time/round_s"] = log.wall_time_s
-        metrics["time/aggregate_s"] = log.aggregate_time_s
+        metrics = self.step_metrics(log)
         for c, blocks in enumerate(samples):
             metrics[f"blocks_pruned/client_{c}"] = float(len(blocks))
         self.log_metrics(metrics, step=t)
@@ -136,6 +145,16 @@ class RunReporter:
         if figure is not None:
             self.logger.experiment.add_figure("sparsity/heatmap", figure, global_step=0)
 
+    def log_communication(self, communication: dict[str, Any]) -> None:
+        """Per-client totals of a strategy that reports ``communication`` (fedstats), beside the alternatives."""
+        if not self.rank_zero:
+            return
+        writer = self.logger.experiment
+        writer.add_scalar("communication/synchronisations", communication["synchronisations"], global_step=0)
+        for key in ("upload_per_client", "fedspallm_upload_per_client", "dense_upload_per_client"):
+            for c, value in enumerate(communication.get(key, [])):
+                writer.add_scalar(f"communication/{key}/client_{c}", value, global_step=0)
+
     def summary(self, results: dict[str, Any]) -> None:
         table = Table(title=f"fedspallm: {results['strategy']} / {results['pruning']['method']}")
         for column in ("dataset", "perplexity", "sparsity", "upload / client / round", "dense model", "time"):
@@ -149,11 +168,28 @@ class RunReporter:
             table.add_row(name, shown, f"{results['sparsity']['overall']:.4f}", upload,
                           fmt_bytes(results["bytes"]["dense_model"]), f"{results['wall_time_s']:.1f} s")
         Console().print(table)
+        communication = results.get("communication")
+        if communication is not None:
+            Console().print(communication_line(communication, results["bytes"]["dense_model"]))
         Console().print(f"run directory: {self.run_dir}")
 
     def close(self) -> None:
         if self.rank_zero:
             self.logger.finalize("success")
+
+
+def communication_line(communication: dict[str, Any], dense_model: int) -> str:
+    """One line of what a strategy that reports ``communication`` (fedstats) sent, beside the alternatives."""
+    sent = communication.get("upload_per_client", [])
+    if not communication.get("synchronisations"):
+        return f"communication: {communication['exchanged']}"
+    mean = sum(sent) / len(sent)
+    fedspallm = communication["fedspallm_upload_per_client"]
+    dense = communication["dense_upload_per_client"]
+    return (f"communication: {fmt_bytes(mean)} per client per run in {communication['synchronisations']} "
+            f"synchronisations (one per block); for the same blocks FedSpaLLM would upload "
+            f"{fmt_bytes(sum(fedspallm) / len(fedspallm))}, a dense upload {fmt_bytes(sum(dense) / len(dense))} "
+            f"(whole model {fmt_bytes(dense_model)})")
 
 
 def sparsity_heatmap(per_matrix: dict[str, float]):

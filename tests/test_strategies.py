@@ -92,7 +92,7 @@ def test_help_and_errors_list_the_registered_names(capsys):
         assert f"{name}: " in text, name
     assert "toy: test only" in text
     with pytest.raises(UserError, match=r"^federation\.strategy='nope': unknown strategy; registered: "
-                                        r"fedspallm, centralized, standalone, fedavg, mask_vote, toy$"):
+                                        r"fedspallm, centralized, standalone, fedavg, mask_vote, fedstats, toy$"):
         FederationConfig(strategy="nope")
 
 

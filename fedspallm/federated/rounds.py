@@ -141,6 +141,14 @@ class ClientWindows(dict):
     def all_windows(self) -> torch.Tensor:
         return torch.cat([self[c] for c in sorted(self)])
 
+    @property
+    def sizes(self) -> list[int]:
+        return [len(self[c]) for c in sorted(self)]
+
+    @property
+    def seqlen(self) -> int:
+        return next(iter(self.values())).shape[1]
+
 
 def run_federation(
     model: nn.Module,

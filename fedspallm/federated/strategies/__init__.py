@@ -14,7 +14,7 @@ from fedspallm.federated.strategies.base import (
     strategy_names,
 )
 from fedspallm.federated.driver import Step, StepLog
-from fedspallm.federated.strategies import fedspallm, centralized, standalone, fedavg, mask_vote  # noqa: E402,F401  registers
+from fedspallm.federated.strategies import fedspallm, centralized, standalone, fedavg, mask_vote, fedstats  # noqa: E402,F401  registers
 
 __all__ = ["STRATEGIES", "RunContext", "Step", "StepLog", "Strategy", "get_strategy", "register", "strategy_help",
            "strategy_names"]

@@ -1,7 +1,9 @@
 """``centralized``: one pruner on the union of every client's windows (the non-private reference).
 
 The server is the only party: rank 0 prunes, and the other processes (data-parallel evaluation)
-receive its pruned weights. Nothing is summed; nothing is uploaded.
+receive its pruned weights. Nothing is summed; nothing is uploaded. Its statistics go through the
+same fixed-point finalisation as ``fedstats``' sums (:meth:`StatisticCodec.round_trip`), so that
+``fedstats`` with one client is this model bit for bit.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from fedspallm.calibration import prune_sequential
 from fedspallm.federated.collectives import broadcast_from_rank_zero
 from fedspallm.federated.driver import Step
 from fedspallm.federated.strategies.base import Strategy, register
+from fedspallm.federated.summed_statistics import StatisticCodec, public_token_count
 from fedspallm.models import prunable_modules
 
 
@@ -27,7 +30,9 @@ class Centralized(Strategy):
 
     def client_update(self, step: Step, client: int, on_block) -> int:
         ctx = self.ctx
-        prune_sequential(ctx.model, ctx.calibration.all_windows(), ctx.spec, on_block=on_block, **ctx.engine)
+        codec = StatisticCodec(public_token_count(ctx.calibration))
+        prune_sequential(ctx.model, ctx.calibration.all_windows(), ctx.spec, on_block=on_block,
+                         finalize=codec.round_trip, **ctx.engine)
         return 0
 
     def aggregate(self, step: Step, sums) -> None:

@@ -1,0 +1,116 @@
+"""The statistics ``fedstats`` sums, in fixed point: one finalisation shared with ``centralized``.
+
+SparseGPT's Σ x xᵀ and Wanda's Σ x_j² are sums over tokens, hence over clients. A client's sum S
+travels in the public fixed-point encoding of its kind (``hessian`` / ``sq_norms`` in
+:data:`~fedspallm.federated.secure_aggregation.DEFAULT_ENCODINGS`, the project's one fixed-point
+encoding): as the integer q = round(S / N · 2^f), N being the run's public token count. A process adds
+its clients' integers and hands the reducer Q · 2^-f, a float64 that is exactly that integer on the
+2^-f grid. Integers add exactly in any order, and so do these floats, because the sum over all clients
+stays far below 2^53 quanta (see :class:`StatisticCodec`): the plain all-reduce and secure aggregation
+both return the exact sum, whatever the layout of clients over processes. ``centralized`` prunes from the
+same round trip of its own statistics (:meth:`StatisticCodec.round_trip`), so one client of ``fedstats``
+is the centralized model bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedspallm.calibration import BlockStatistics, NumericalError, Statistic
+from fedspallm.federated.secure_aggregation import DEFAULT_ENCODINGS, Encoding, decode_into, encode_into, modulus_bits
+from fedspallm.pruners import all_finite
+
+COUNT_FIELDS = 1  # the sequences behind a statistic
+
+
+class StatisticCodec:
+    """A statistic <-> its fixed-point words: the finalisation ``fedstats`` and ``centralized`` share.
+
+    A statistic's plain sum S (Σ x xᵀ or Σ x_j², :meth:`Statistic.to_sum`) travels as the words
+    round(S / N · 2^f) of its kind's encoding (bound 2^24, f = 24: a per-token second moment with a
+    quantum of 6e-8, far below SparseGPT's damping of 1% of the mean diagonal). Of a Hessian only the
+    upper triangle with its diagonal travels; decoding mirrors it.
+
+    Overflow is impossible, and float64 sums are exact: before encoding, a client checks its values against
+    ±bound · t / N, t being its own tokens behind the statistic. The clients' t add up to at most N, so
+    any partial sum of their words stays within bound · 2^f + K = 2^48 + K < 2^53, whatever K and the
+    layout; a process's share is within the encoding's bound, as secure aggregation requires.
+    """
+
+    def __init__(self, total_tokens: int, encodings: Mapping[str, Encoding] = DEFAULT_ENCODINGS) -> None:
+        if total_tokens <= 0:
+            raise ValueError("the public token count must be positive")
+        self.total_tokens = total_tokens
+        self.encodings = encodings
+        self._upper: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def upper(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if width not in self._upper:
+            rows, cols = torch.triu_indices(width, width)
+            self._upper[width] = (rows, cols)
+        return self._upper[width]
+
+    @staticmethod
+    def entries(kind: str, width: int) -> int:
+        return width * (width + 1) // 2 if kind == "hessian" else width
+
+    def wire_bytes(self, kind: str, width: int) -> int:
+        """What one client sends for one statistic: its 8-byte words and its sequence count."""
+        return (self.entries(kind, width) + COUNT_FIELDS) * 8
+
+    def problem(self, stat: Statistic) -> str | None:
+        """Why ``stat`` cannot be sent (not finite, or beyond the public bound), or None. Names no value."""
+        total = stat.to_sum()
+        if not all_finite(total):
+            return "is not finite (NaN or inf)"
+        bound = self.encodings[stat.kind].bound
+        if total.numel() and float(total.abs().max()) > bound * stat.tokens:
+            return (f"is outside the public fixed-point bound (a mean second moment beyond {bound:g}, i.e. inputs "
+                    f"above {bound ** 0.5:g} in RMS)")
+        return None
+
+    def encode(self, stat: Statistic) -> torch.Tensor:
+        """The int64 words of ``stat`` (flat), after :meth:`problem` found nothing."""
+        scaled = stat.to_sum() / self.total_tokens
+        if stat.kind == "hessian":
+            scaled = scaled[self.upper(scaled.shape[0])]
+        words = torch.empty(scaled.numel(), dtype=torch.int64)
+        encode_into(words, scaled, self.encodings[stat.kind])
+        return words
+
+    def on_grid(self, kind: str, words: torch.Tensor) -> torch.Tensor:
+        """Summed words as the float64 values they stand for (exact: below 2^53 quanta)."""
+        out = torch.empty(words.numel(), dtype=torch.float64)
+        decode_into(out, words.clone(), self.encodings[kind], modulus_bits(1))
+        return out
+
+    def decode(self, kind: str, values: torch.Tensor, samples: int, width: int) -> Statistic:
+        """The statistic whose summed, decoded values (:meth:`on_grid`) are ``values``, over ``samples`` sequences."""
+        values = values * self.total_tokens
+        if kind == "hessian":
+            rows, cols = self.upper(width)
+            total = torch.zeros(width, width, dtype=torch.float64)
+            total[cols, rows] = values
+            total[rows, cols] = values
+        else:
+            total = values
+        return Statistic.from_sum(kind, total, samples, 0)  # token counts are not exchanged
+
+    def round_trip(self, index: int, statistics: BlockStatistics) -> BlockStatistics:
+        """``statistics`` as they come back from a sum over one party: what ``centralized`` prunes from."""
+        values = {}
+        for key, stat in statistics.values.items():
+            problem = self.problem(stat)
+            if problem is not None:
+                raise NumericalError(f"block {index} {key}: the statistic {problem}")
+            values[key] = self.decode(stat.kind, self.on_grid(stat.kind, self.encode(stat)), stat.samples,
+                                      stat.value.shape[0])
+        return BlockStatistics(statistics.kind, dict(statistics.readers), values)
+
+
+def public_token_count(calibration: Any) -> int:
+    """Every calibration window of every client, in tokens: a figure every party derives from the config."""
+    return sum(calibration.sizes) * calibration.seqlen
