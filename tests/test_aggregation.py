@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedspallm.errors import UserError
+from fedspallm.pruners.common import num_to_prune
 from fedspallm.federated.aggregation import (
     Contribution,
     aggregate,
@@ -290,3 +291,117 @@ def test_contribution_is_a_plain_record():
     assert torch.equal(l0_average(c), torch.zeros(1, 2, dtype=torch.float64))
     with pytest.raises(ValueError):
         plain_average(c)
+
+
+# -- expansion by selection against the full stable sort it replaced ----------------------------
+# The oracle is the former implementation: a stable sort by magnitude gives the preorder, a stable
+# sort by descending votes over it gives the pruning order. The selection must give the same masks
+# bitwise, ties included.
+
+
+def _oracle_mask_by_votes(votes, preorder, sparsity, n, m):
+    votes = votes.to(torch.float64 if votes.is_floating_point() else torch.int64)
+    grouped = votes.reshape(1, -1) if m == 0 else votes.reshape(-1, m)
+    count = n if m else num_to_prune(votes.numel(), sparsity)
+    by_votes = torch.sort(-grouped.gather(1, preorder), dim=1, stable=True).indices
+    pruned = preorder.gather(1, by_votes[:, :count])
+    return torch.ones_like(grouped, dtype=torch.bool).scatter_(1, pruned, False).reshape(votes.shape)
+
+
+def _oracle_expand_mask(weight, votes, sparsity, n=0, m=0):
+    magnitude = weight.abs().reshape(1, -1) if m == 0 else weight.abs().reshape(-1, m)
+    return _oracle_mask_by_votes(votes, torch.sort(magnitude, dim=1, stable=True).indices, sparsity, n, m)
+
+
+def _oracle_mask_vote(dense, votes, sparsity, n=0, m=0, generator=None):
+    if m:
+        preorder = torch.rand(dense.numel() // m, m, generator=generator).argsort(dim=1)
+    else:
+        preorder = torch.randperm(dense.numel(), generator=generator).reshape(1, -1)
+    return _oracle_mask_by_votes(votes, preorder, sparsity, n, m)
+
+
+def _random_weight(kind, shape, g):
+    if kind == "normal":
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+    if kind == "few values":  # heavy ties in |W|, both signs
+        return torch.randint(-2, 3, shape, generator=g).double()
+    if kind == "signed zeros":  # -0.0 and 0.0 must tie
+        zeros = torch.where(torch.rand(shape, generator=g) < 0.5, -0.0, 0.0)
+        return torch.where(torch.rand(shape, generator=g) < 0.6, zeros, torch.randint(-1, 2, shape, generator=g).float())
+    if kind == "half":
+        return torch.randn(shape, generator=g).half()
+    if kind == "bfloat16 ties":
+        return torch.randint(-3, 4, shape, generator=g).bfloat16()
+    # non-finite entries: NaN sorts after +inf
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    w[torch.rand(shape, generator=g) < 0.2] = float("nan")
+    w[torch.rand(shape, generator=g) < 0.1] = float("inf")
+    w[torch.rand(shape, generator=g) < 0.1] = -0.0
+    return w
+
+
+def _random_votes(kind, shape, g):
+    if kind == "int32":
+        return torch.randint(0, 3, shape, generator=g, dtype=torch.int32)
+    if kind == "all equal":
+        return torch.zeros(shape, dtype=torch.int64)
+    if kind == "wide int64":  # a range too wide to count (the kthvalue path), with ties
+        return torch.randint(-2, 3, shape, generator=g) * 2**40
+    if kind == "float":
+        return torch.randint(0, 4, shape, generator=g).double() / 3
+    if kind == "float signed zeros":
+        return torch.randint(-1, 2, shape, generator=g).float() * torch.where(torch.rand(shape, generator=g) < 0.5, -0.0, 1.0)
+    v = torch.randint(0, 3, shape, generator=g).double()
+    v[torch.rand(shape, generator=g) < 0.2] = float("nan")
+    v[torch.rand(shape, generator=g) < 0.1] = float("-inf")
+    return v
+
+
+WEIGHT_KINDS = ("normal", "few values", "signed zeros", "half", "bfloat16 ties", "non-finite")
+VOTE_KINDS = ("int32", "all equal", "wide int64", "float", "float signed zeros", "float non-finite")
+PATTERNS = ((0, 0), (1, 2), (2, 4), (1, 4), (4, 8), (3, 8), (5, 16))
+
+
+@pytest.mark.parametrize("weight_kind", WEIGHT_KINDS)
+@pytest.mark.parametrize("vote_kind", VOTE_KINDS)
+def test_expansion_by_selection_equals_the_stable_sort(weight_kind, vote_kind):
+    g = torch.Generator().manual_seed(len(weight_kind) * 31 + len(vote_kind))
+    cases = 0
+    for trial in range(8):
+        shape = (int(torch.randint(1, 7, (1,), generator=g)), 16 * int(torch.randint(1, 4, (1,), generator=g)))
+        weight, votes = _random_weight(weight_kind, shape, g), _random_votes(vote_kind, shape, g)
+        for n, m in PATTERNS:
+            sparsity = 0.0 if m else float(torch.rand(1, generator=g)) * 0.999
+            got = expand_mask(weight, votes, sparsity, n, m)
+            assert torch.equal(got.mask, _oracle_expand_mask(weight, votes, sparsity, n, m)), (trial, n, m, sparsity)
+            cases += 1
+    assert cases == 8 * len(PATTERNS)
+
+
+def test_expansion_by_selection_equals_the_stable_sort_on_model_sized_matrices():
+    shape = (768, 576)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight[torch.rand(shape, generator=g) < 0.3] = 0.0  # positions nobody kept: a large |W| tie
+    votes = torch.randint(0, 5, shape, generator=g, dtype=torch.int32)
+    for sparsity in (0.5, 0.123):
+        expected = _oracle_expand_mask(weight, votes, sparsity)
+        assert torch.equal(expand_mask(weight, votes, sparsity).mask, expected)
+        float_votes = votes.double() / 4  # the same order, float path (kthvalue)
+        assert torch.equal(expand_mask(weight, float_votes, sparsity).mask, expected)
+    for n, m in ((2, 4), (4, 8)):
+        assert torch.equal(expand_mask(weight, votes, 0.0, n, m).mask, _oracle_expand_mask(weight, votes, 0.0, n, m))
+
+
+@pytest.mark.parametrize("vote_kind", ("int32", "all equal", "float"))
+def test_mask_vote_by_selection_equals_the_stable_sort(vote_kind):
+    g = torch.Generator().manual_seed(7)
+    dense = torch.randn(24, 32, generator=g)
+    for trial in range(20):
+        votes = _random_votes(vote_kind, dense.shape, g)
+        for n, m in PATTERNS:
+            sparsity = 0.0 if m else float(torch.rand(1, generator=g)) * 0.999
+            got = mask_vote(dense, votes, sparsity, n, m, torch.Generator().manual_seed(trial))
+            expected = _oracle_mask_vote(dense, votes, sparsity, n, m, torch.Generator().manual_seed(trial))
+            assert torch.equal(got.mask, expected), (trial, n, m)

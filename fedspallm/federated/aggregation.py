@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedspallm.errors import UserError
-from fedspallm.pruners.common import PruneResult, num_to_prune, validate_pattern
+from fedspallm.pruners.common import PruneResult, all_finite, num_to_prune, validate_pattern
 
 AGGREGATION_METHODS = ("l0", "fedavg")
 
@@ -121,23 +121,141 @@ def _groups(t: torch.Tensor, m: int) -> torch.Tensor:
     return t.reshape(1, -1) if m == 0 else t.reshape(-1, m)
 
 
+def _sort_key(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """int64 keys whose ascending order (ties included) is the order ``torch.sort`` gives ``values``
+    (``-values`` if ``descending``): integers as they are; floats by their bits, with -0.0 equal to
+    0.0 and every NaN equal and after +inf, as the sort places them."""
+    if not values.is_floating_point():
+        values = values.to(torch.int64)
+        return -values if descending else values
+    x = values.to(torch.float64)
+    x = (-x if descending else x) + 0.0  # -0.0 + 0.0 = 0.0
+    bits = x.view(torch.int64)
+    # Negative floats order in reverse by their bits: flipping all but the sign bit fixes that.
+    key = bits ^ ((bits >> 63) & 0x7FFF_FFFF_FFFF_FFFF)
+    return key.masked_fill_(torch.isnan(x), torch.iinfo(torch.int64).max)
+
+
+def _comparable(values: torch.Tensor, descending: bool) -> tuple[torch.Tensor, bool]:
+    """``values`` (and the direction) to compare with ``<``, ``==``: as they are, unless a NaN would
+    break the comparisons; then their sort keys (ascending)."""
+    if values.dtype == torch.bool:
+        return values.to(torch.int8), descending
+    if values.is_floating_point() and not all_finite(values):
+        return _sort_key(values, descending), False
+    return values, descending
+
+
+def _first_k(primary: torch.Tensor, secondary: torch.Tensor, count: int, descending: bool = False,
+             absolute: bool = False) -> torch.Tensor:
+    """Bool [groups, size]: in each group, the first ``count`` positions of the lexicographic order
+    (primary, secondary ascending, index ascending), primary descending if ``descending``: the first
+    ``count`` of a stable sort by (primary, secondary), found by selection rather than by sorting.
+    NaN comes last in either direction, as in ``torch.sort``. ``absolute``: order by |secondary|.
+
+    One group (unstructured, any size): the count-th primary value (by counting when the values are
+    integers of a small range, else ``kthvalue``); everything before it; then the same selection by
+    the secondary value among the positions tied at it only; then the remaining ties in index order.
+    Many groups (N:M): every pair of positions of a group is compared once; a position is chosen iff
+    fewer than ``count`` positions of its group come before it.
+    """
+    primary, descending = _comparable(primary, descending)
+    groups, size = primary.shape
+    if count == 0:
+        return torch.zeros(primary.shape, dtype=torch.bool, device=primary.device)
+    if groups > 1:
+        secondary, _ = _comparable(secondary.abs() if absolute else secondary, False)
+        return _first_k_pairwise(primary, secondary, count, descending)
+    primary = primary.reshape(-1)
+    kth, ahead, tied_count = _kth(primary, count, descending)
+    chosen = primary > kth if descending else primary < kth
+    needed = count - ahead
+    if needed == tied_count:
+        return (chosen | (primary == kth)).reshape(1, -1)
+    where = (primary == kth).nonzero().reshape(-1)  # in index order
+    candidates = secondary.reshape(-1)[where]
+    if absolute:
+        candidates = candidates.abs()
+    candidates, _ = _comparable(candidates, False)
+    kth, ahead, _ = _kth(candidates, needed, False, no_sign_bits=absolute)
+    at = candidates == kth
+    take = (candidates < kth) | (at & (at.cumsum(0) <= needed - ahead))  # the remaining ties by index
+    return chosen.index_put_((where,), take).reshape(1, -1)
+
+
+def _kth(values: torch.Tensor, k: int, descending: bool, no_sign_bits: bool = False) -> tuple[torch.Tensor, int, int]:
+    """For 1-D ``values`` with no NaN and 1 <= k <= numel: the k-th value in sorted order (descending
+    if ``descending``), how many come strictly before it, and how many equal it (-1: not counted).
+
+    Integers of a small range (vote counts) are counted (bincount); float64 without sign bits (|W|,
+    where even -0.0 has become 0.0) is narrowed by the upper 16 bits of its bit pattern, which then
+    order as the values do, before the ``kthvalue`` on the one bucket that holds the k-th; anything
+    else is ``kthvalue`` itself.
+    """
+    numel = values.numel()
+    if not values.is_floating_point():
+        low, high = (int(v) for v in torch.aminmax(values))
+        if high - low < max(numel, 1 << 16):
+            counts = torch.bincount((values - low if low else values), minlength=high - low + 1)
+            if descending:
+                counts = counts.flip(0)
+            cumulative = counts.cumsum(0)
+            step = int(torch.searchsorted(cumulative, k))
+            ahead = int(cumulative[step - 1]) if step else 0
+            kth = high - step if descending else low + step
+            return values.new_tensor(kth), ahead, int(counts[step])
+    elif no_sign_bits and values.dtype == torch.float64 and not descending and numel >= _RADIX_MIN:
+        bucket = values.view(torch.int64) >> 48
+        low = int(bucket.min())
+        cumulative = torch.bincount(bucket - low).cumsum(0)
+        chosen = int(torch.searchsorted(cumulative, k))
+        before = int(cumulative[chosen - 1]) if chosen else 0
+        inside = values[bucket == chosen + low]
+        kth = inside.kthvalue(k - before).values
+        return kth, before + int((inside < kth).sum()), -1
+    kth = values.kthvalue(numel - k + 1 if descending else k).values
+    return kth, int((values > kth).sum() if descending else (values < kth).sum()), -1
+
+
+_RADIX_MIN = 1 << 14
+
+
+def _first_k_pairwise(primary: torch.Tensor, secondary: torch.Tensor, count: int, descending: bool) -> torch.Tensor:
+    """``_first_k`` for many small groups: each pair (i < j) of a group's positions compared once,
+    on the transposed [size, groups] layout (contiguous columns)."""
+    p, s = primary.T.contiguous(), secondary.T.contiguous()
+    size = p.shape[0]
+    ahead = torch.zeros(p.shape, dtype=torch.int32, device=p.device)  # positions of the group before each one
+    for i in range(size):
+        for j in range(i + 1, size):
+            first = p[i] > p[j] if descending else p[i] < p[j]
+            i_first = first | ((p[i] == p[j]) & (s[i] <= s[j]))  # a full tie goes to the lower index, i
+            ahead[j] += i_first
+            ahead[i] += ~i_first
+    return (ahead < count).T
+
+
 def _mask_by_votes(
     votes: torch.Tensor, preorder: torch.Tensor, sparsity: float, n: int, m: int
 ) -> torch.Tensor:
     """Keep-mask that prunes, in each group, the positions with the most votes.
 
     ``preorder`` ([groups, size], a permutation of each group's positions) breaks ties among equal
-    votes: the earlier a position comes in it, the sooner it is pruned. A stable sort by descending
-    votes over the preordered positions gives the lexicographic order (votes desc, preorder).
+    votes: the earlier a position comes in it, the sooner it is pruned. The pruned positions are the
+    first of the lexicographic order (votes desc, place in preorder), found by selection.
     """
-    shape = votes.shape
-    votes = votes.to(torch.float64 if votes.is_floating_point() else torch.int64)
-    grouped = _groups(votes, m)
+    places = torch.arange(preorder.shape[1], device=preorder.device).expand_as(preorder)
+    place = torch.empty_like(preorder).scatter_(1, preorder, places)
+    return _keep_by_votes(votes, place, sparsity, n, m)
+
+
+def _keep_by_votes(votes: torch.Tensor, secondary: torch.Tensor, sparsity: float, n: int, m: int,
+                   absolute: bool = False) -> torch.Tensor:
+    """Keep-mask shaped like ``votes`` that prunes the first positions of each group in the order
+    (votes desc, ``secondary`` ([groups, size]) asc, or |secondary| if ``absolute``, index asc)."""
     count = n if m else num_to_prune(votes.numel(), sparsity)
-    by_votes = torch.sort(-grouped.gather(1, preorder), dim=1, stable=True).indices
-    pruned = preorder.gather(1, by_votes[:, :count])
-    keep = torch.ones_like(grouped, dtype=torch.bool).scatter_(1, pruned, False)
-    return keep.reshape(shape)
+    pruned = _first_k(_groups(votes, m), secondary, count, descending=True, absolute=absolute)
+    return (~pruned).reshape(votes.shape)
 
 
 def expand_mask(
@@ -150,9 +268,8 @@ def expand_mask(
     index. The weight keeps its dtype; pruned positions are set to 0.
     """
     _check_pattern(weight, votes, sparsity, n, m)
-    magnitude = _groups(weight.detach().abs(), m)
-    preorder = torch.sort(magnitude, dim=1, stable=True).indices
-    return PruneResult.from_mask(weight, _mask_by_votes(votes, preorder, sparsity, n, m))
+    keep = _keep_by_votes(votes, _groups(weight.detach(), m), sparsity, n, m, absolute=True)
+    return PruneResult.from_mask(weight, keep)
 
 
 def aggregate(
