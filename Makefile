@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEVICES ?= 4
 PY := $(VENV)/bin/python
 
-.PHONY: install assets demo test bench clean
+.PHONY: install assets demo test test-cuda bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: assets
 
 test: assets
 	$(PY) -m pytest -q
+
+# On a machine with CUDA: the GPU tests (2 GPUs for the NCCL runs) and a timed GPU prune with its peak memory.
+test-cuda: assets
+	$(PY) -m pytest -q -m cuda tests/test_cuda.py -rs
+	$(PY) bench/gpu_prune.py
 
 bench: assets
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

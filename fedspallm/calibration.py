@@ -32,6 +32,7 @@ from fedspallm.models import (
     in_features,
     set_weight,
 )
+from fedspallm.placement import release
 from fedspallm.pruners import (
     PruneResult,
     accumulate_hessian,
@@ -176,7 +177,8 @@ def _first_output(output: Any) -> torch.Tensor:
 
 
 def _move_all_but_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """With offload, everything except the decoder blocks (embeddings, rotary tables, final norm) lives on the device."""
+    """With offload, during a walk, everything except the decoder blocks (embeddings, rotary tables, final norm)
+    lives on the device; :meth:`SequentialCalibration.finish` puts it back."""
     inside = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) not in inside:
@@ -451,6 +453,12 @@ class SequentialCalibration:
         self.stats.blocks_pruned += bool(layers)
         return results
 
+    def finish(self) -> None:
+        """End of the walk. With offload the whole model goes back to the host, so that nothing is
+        left split across devices (the placement rule, :mod:`fedspallm.placement`)."""
+        if self.offload:
+            release(self.model)
+
     @torch.no_grad()
     def advance(self, index: int) -> list[torch.Tensor]:
         """Run the inputs through block ``index`` as it is now; returns its outputs, which are from now
@@ -540,6 +548,7 @@ def prune_sequential(
             on_block_output(index, calibration.hidden)
         if on_block is not None:
             on_block(index, len(blocks))
+    calibration.finish()
     return result
 
 

@@ -47,6 +47,7 @@ from fedspallm.config import (
 )
 from fedspallm.data import Corpora
 from fedspallm.errors import UserError
+from fedspallm.placement import check_offload
 
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -70,6 +71,7 @@ def preflight(seed: int, model: ModelConfig, data: DataConfig, eval: EvalConfig,
               federation: FederationConfig, output: OutputConfig, runtime: RuntimeConfig) -> Preflight:
     try:
         validate_config(model, data, eval, pruning, federation, output, runtime)
+        check_offload(pruning.offload, runtime.accelerator)
         local_dir, gguf = check_model_files(model)
         skeleton = model_skeleton(model, local_dir, gguf)
         plan = None

@@ -42,6 +42,7 @@ from fedspallm.outputs import (
     prunable_matrices,
     sparsity_report,
 )
+from fedspallm.placement import evaluation_device, load_device, place_whole
 from fedspallm.preflight import check_lengths, preflight, validate_config
 from fedspallm.reporting import RunReporter, tensorboard_logger
 from fedspallm.runtime import make_fabric, peak_rss_bytes, quiet_libraries
@@ -89,8 +90,7 @@ def prune(
 
     loaded = load_model(model)
     net, tokenizer = loaded.model, loaded.tokenizer
-    if not pruning.offload:
-        net.to(fabric.device)
+    net.to(load_device(fabric.device, pruning.offload))  # the placement rule: fedspallm.placement
     check_lengths(net, data, eval)
     eval_sets = {name: eval_windows(name, tokenizer, eval.seqlen, eval.max_windows, checks.corpora)
                  for name in eval.datasets}
@@ -123,6 +123,7 @@ def prune(
         def on_step_end(step: Step, log: StepLog) -> None:
             reporter.log_round(log, strategy.plan.samples[step.index], strategy.outcome.masks)
             if step.index < federation.rounds - 1:
+                place_whole(net, evaluation_device(net, fabric.device, pruning.offload))
                 ppl = evaluate_all(fabric, module, eval_sets, eval.batch_size, progress=False)
                 reporter.log_metrics({f"perplexity/{k}": v for k, v in ppl.items()}, step=step.index)
             checkpointer.after_round(step.index, strategy.outcome)
@@ -138,6 +139,7 @@ def prune(
 
         run_steps(strategy, reducer, watch=watch, faults=FaultInjection.from_config(federation),
                   on_client_block=hooks.client_block, on_step_end=step_end)
+    place_whole(net, evaluation_device(net, fabric.device, pruning.offload))  # whole on one device: eval, export
     summary = strategy.summary()
     inner_eval_s = summary.pop("eval_s", 0.0)
     prune_s = time.perf_counter() - prune_started - inner_eval_s

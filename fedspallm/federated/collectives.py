@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
+from fedspallm.placement import collective_device
+
 KINDS = ("weight_sum", "keep_count", "contributors", "votes", "hessian", "sq_norms", "fit_weights", "metadata")
 DEFAULT_BUCKET_BYTES = 64 << 20
 
@@ -69,25 +71,19 @@ class PlainReducer:
     def __init__(self, fabric: Any = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         """``fabric`` None: the default process group if one is initialised (one process otherwise)."""
         if fabric is not None:
-            self.world_size, self._accelerator = fabric.world_size, fabric.device
+            self.world_size = fabric.world_size
         else:
-            grouped = dist.is_available() and dist.is_initialized()
-            self.world_size = dist.get_world_size() if grouped else 1
-            self._accelerator = torch.device("cuda", torch.cuda.current_device()) if grouped and \
-                dist.get_backend() == "nccl" else torch.device("cpu")
+            self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.bucket_bytes = bucket_bytes
         self.calls = 0
         self.seconds = 0.0
-
-    def _device(self) -> torch.device:
-        return self._accelerator if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def sum(self, tensors: Mapping[str, torch.Tensor], *, kind: str, tag: str) -> dict[str, torch.Tensor]:
         check_kind(kind)
         if self.world_size == 1:
             return dict(tensors)  # the sum over one party: the inputs themselves
         started = time.perf_counter()
-        device = self._device()
+        device = collective_device()  # CUDA for NCCL, the host for gloo (fedspallm.placement)
         out: dict[str, torch.Tensor] = {}
         for names in buckets(tensors, self.bucket_bytes):
             flat = torch.cat([tensors[name].detach().reshape(-1).to(device) for name in names])
@@ -103,8 +99,15 @@ class PlainReducer:
 
 
 def broadcast_from_rank_zero(fabric: Any, tensors: Mapping[str, torch.Tensor]) -> None:
-    """In place: every process gets rank 0's values (a server-side result, not a sum of client data)."""
+    """In place: every process gets rank 0's values (a server-side result, not a sum of client data).
+
+    Each tensor travels on the backend's device (a host tensor is staged on the GPU for NCCL) and
+    lands back where it was."""
     if fabric is None or fabric.world_size == 1:
         return
+    device = collective_device()
     for tensor in tensors.values():
-        dist.broadcast(tensor, src=0)
+        staged = tensor if tensor.device == device else tensor.to(device)
+        dist.broadcast(staged, src=0)
+        if staged is not tensor:
+            tensor.copy_(staged)

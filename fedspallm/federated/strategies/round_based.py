@@ -28,6 +28,7 @@ from fedspallm.federated.rounds import (
     plan_rounds,
 )
 from fedspallm.federated.strategies.base import RunContext, Strategy
+from fedspallm.placement import HOST
 from fedspallm.models import get_weight, prunable_modules, set_weight
 from fedspallm.pruners import PruneResult, magnitude_prune
 
@@ -46,7 +47,8 @@ class RoundStrategy(Strategy):
 
     def __init__(self, ctx: RunContext, plan: RoundPlan | None = None) -> None:
         super().__init__(ctx, plan)
-        self.dense = {name: get_weight(layer).detach().clone() for name, layer in prunable_modules(ctx.model).items()}
+        self.dense = {name: get_weight(layer).detach().to(HOST, copy=True)  # aggregation runs on the host
+                      for name, layer in prunable_modules(ctx.model).items()}
         self.dtype = next(ctx.model.parameters()).dtype
         self.windows = ctx.calibration.materialize(self.clients())
         self.outcome = FederationOutcome(global_weights={}, masks={}, uncovered=self.plan.uncovered())
