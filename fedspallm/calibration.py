@@ -488,6 +488,7 @@ def prune_sequential(
     fixed_masks: Mapping[str, torch.Tensor] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
+    on_pruned: Callable[[dict[str, PruneResult]], None] | None = None,
     uncovered: str = "error",
     finalize: Callable[[int, BlockStatistics], BlockStatistics] | None = None,
 ) -> SequentialResult:
@@ -512,6 +513,10 @@ def prune_sequential(
 
     ``finalize(index, statistics)`` gives the statistics a block is pruned from, e.g. as they come back
     from a sum over parties (``centralized`` shares ``fedstats``' fixed-point finalisation this way).
+
+    ``on_pruned`` receives each block's results (full name -> result) as soon as the block is pruned,
+    and ``result.pruned`` then stays empty: a caller that keeps them in another form (a federated
+    client's uploads) never holds every pruned block twice.
     """
     blocks = find_decoder_blocks(model)
     selected = sorted(set(range(len(blocks)) if blocks_to_prune is None else blocks_to_prune))
@@ -536,7 +541,8 @@ def prune_sequential(
         if statistics is not None and finalize is not None:
             statistics = finalize(index, statistics)
         if layers:
-            result.pruned.update(calibration.prune(index, statistics, fixed_masks=fixed_masks, uncovered=uncovered))
+            pruned = calibration.prune(index, statistics, fixed_masks=fixed_masks, uncovered=uncovered)
+            (result.pruned.update if on_pruned is None else on_pruned)(pruned)
         if propagate:
             calibration.advance(index)
         elif offload:

@@ -74,7 +74,7 @@ def checkpoint_state(outcome: FederationOutcome, fingerprint_: dict[str, Any], r
         "pooled": {name: {"weight_sum": c.weight_sum, "keep_count": c.keep_count, "contributors": c.contributors}
                    for name, c in outcome.pooled.items()},
         "global_weights": outcome.global_weights,
-        "masks": outcome.masks,
+        "masks": dict(outcome.masks),
         "uncovered": outcome.uncovered,
         "round_logs": [asdict(log) for log in outcome.rounds],
         "rng": capture_rng(),

@@ -106,7 +106,7 @@ def prune(
 
     ctx = RunContext(net, spec, federation, calibration, seed=seed, rank=fabric.global_rank,
                      world_size=fabric.world_size, batch_size=runtime.batch_size, device=fabric.device,
-                     offload=pruning.offload, fabric=fabric, eval_datasets=list(eval_sets),
+                     offload=pruning.offload, checkpoint=loaded.source, fabric=fabric, eval_datasets=list(eval_sets),
                      evaluate_local=lambda _: evaluate_all(None, module, eval_sets, eval.batch_size, progress=False))
     strategy = cls(ctx, checks.plan)  # the plan preflight computed, when it could
     extra: dict[str, Any] = {}

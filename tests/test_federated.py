@@ -205,9 +205,9 @@ def test_mask_vote_breaks_ties_with_a_stream_of_its_own_per_matrix():
                                                         ClientWindows({0: random_windows(n=2)})))
         names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
         shape = get_weight(prunable_modules(model)[names[0]]).shape
-        sums = {"keep_count": {n: torch.ones(shape, dtype=torch.int32) for n in names},
-                "contributors": {n: torch.tensor([2]) for n in names}}
-        strategy.aggregate(Step(0, "round 1"), sums)
+        for block, name in enumerate(names):  # one part per block, as the driver hands them
+            sums = {"keep_count": {name: torch.ones(shape, dtype=torch.int32)}, "contributors": {name: torch.tensor([2])}}
+            strategy.aggregate(Step(0, "round 1"), sums, block)
         return [strategy.outcome.masks[n] for n in names]
 
     first, second = masks()

@@ -19,7 +19,6 @@ class ClientUpdate:
     client_id: int
     round_index: int
     blocks: list[int]
-    pruned: dict[str, PruneResult]  # module name -> pruned weight and keep-mask
     upload_bytes: int
     tokens: int
 
@@ -36,6 +35,7 @@ def client_round(
     blocks: Sequence[int],
     client_id: int,
     round_index: int,
+    send: Callable[[str, PruneResult], None],
     *,
     masks_only: bool = False,
     batch_size: int = 8,
@@ -47,6 +47,8 @@ def client_round(
 ) -> ClientUpdate:
     """One client's local work in one round. The model comes back exactly as it went in.
 
+    Each pruned matrix goes to ``send(full name, result)`` as soon as its block is pruned (what the
+    client uploads; the caller keeps it in upload form), so no client holds all its pruned blocks.
     Calibration still runs through every block up to the last sampled one, so that a sampled block
     sees inputs shaped by the blocks this client pruned before it, as in SparseGPT. With
     ``prune_from`` (the dense cache, while the model holds the global model) the sampled blocks start
@@ -54,14 +56,21 @@ def client_round(
     With ``fixed_masks`` (a refit round) the server knows the masks, so only the kept values are sent.
     """
     dtype = next(model.parameters()).dtype
-    result = prune_sequential(
+    sent = 0
+
+    def receive(pruned: dict[str, PruneResult]) -> None:
+        nonlocal sent
+        for name, r in pruned.items():
+            if masks_only:
+                sent += mask_upload_bytes(r.mask)
+            elif fixed_masks is not None:
+                sent += int(torch.count_nonzero(r.mask)) * dtype.itemsize
+            else:
+                sent += upload_bytes(r.mask, dtype)
+            send(name, r)
+
+    prune_sequential(
         model, windows, spec, blocks, batch_size=batch_size, device=device, offload=offload,
-        restore_dense=True, prune_from=prune_from, fixed_masks=fixed_masks, on_block=on_block,
+        restore_dense=True, prune_from=prune_from, fixed_masks=fixed_masks, on_block=on_block, on_pruned=receive,
     )
-    if masks_only:
-        sent = sum(mask_upload_bytes(r.mask) for r in result.pruned.values())
-    elif fixed_masks is not None:
-        sent = sum(int(torch.count_nonzero(r.mask)) * dtype.itemsize for r in result.pruned.values())
-    else:
-        sent = sum(upload_bytes(r.mask, dtype) for r in result.pruned.values())
-    return ClientUpdate(client_id, round_index, sorted(blocks), result.pruned, sent, int(windows.numel()))
+    return ClientUpdate(client_id, round_index, sorted(blocks), sent, int(windows.numel()))

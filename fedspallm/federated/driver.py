@@ -104,14 +104,21 @@ def run_steps(
                 client_time = time.perf_counter() - started
 
                 watch.arrived(step.index)
-                reduce_started = time.perf_counter()
-                sums = {kind: reducer.sum(tensors, kind=kind, tag=step.tag)
-                        for kind, tensors in strategy.local_sums(step).items()}
-                collective_time = time.perf_counter() - reduce_started
-
-                aggregate_started = time.perf_counter()
-                strategy.aggregate(step, sums)
-                aggregate_time = time.perf_counter() - aggregate_started
+                collective_time = aggregate_time = 0.0
+                for label, part in strategy.parts(step).items():  # one part's sums held at a time
+                    args = () if part is None else (part,)
+                    tag = step.tag if part is None else f"{step.tag}, {label}"
+                    reduce_started = time.perf_counter()
+                    sums = {kind: reducer.sum(tensors, kind=kind, tag=tag)
+                            for kind, tensors in strategy.local_sums(step, *args).items()}
+                    aggregate_started = time.perf_counter()
+                    collective_time += aggregate_started - reduce_started
+                    strategy.aggregate(step, sums, *args)
+                    del sums
+                    aggregate_time += time.perf_counter() - aggregate_started
+                finish_started = time.perf_counter()
+                strategy.finish(step)
+                aggregate_time += time.perf_counter() - finish_started
 
                 figures = reducer.sum({"upload_bytes": sent, "client_seconds": seconds}, kind="metadata",
                                       tag=step.tag)

@@ -13,7 +13,7 @@ so the aggregate does not depend on how clients are spread over processes (see R
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +78,7 @@ class FederationOutcome:
     """The state of a round-based federation after ``completed_rounds`` rounds (what a checkpoint holds)."""
 
     global_weights: dict[str, torch.Tensor]  # module name -> aggregated pruned weight, in the model dtype
-    masks: dict[str, torch.Tensor]
+    masks: MutableMapping[str, torch.Tensor]  # packed by the round strategies (federated.uploads.PackedMasks)
     rounds: list[StepLog] = field(default_factory=list)
     uncovered: list[int] = field(default_factory=list)
     pooled: dict[str, Contribution] = field(default_factory=dict)  # the sums the next round adds to

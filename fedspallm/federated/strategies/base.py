@@ -4,10 +4,13 @@ A strategy is a plan of steps (rounds, or blocks, or one step), each step being
 
 0. configure: :meth:`Strategy.begin` prepares the step on every process;
 1. client work: every client of this process does its local work (:meth:`Strategy.client_update`);
-2. a sum: the strategy hands the driver this process's summable part (:meth:`Strategy.local_sums`,
+2. a sum: the strategy hands the driver this process's summable share (:meth:`Strategy.local_sums`,
    named tensors per kind), and the driver sums it over processes with its one reducer;
 3. aggregate: every process turns the same sums into the same result (:meth:`Strategy.aggregate`),
    deterministically, so nothing needs a broadcast.
+
+Steps 2 and 3 may run in parts (:meth:`Strategy.parts`, e.g. one per block), so that a process
+holds one part's sums at a time; :meth:`Strategy.finish` closes the step.
 
 :meth:`Strategy.summary` gives the strategy's entries of ``results.json``. The driver
 (:func:`fedspallm.federated.driver.run_steps`) owns the loop, the reducer, the timings, the fault
@@ -84,6 +87,7 @@ class RunContext:
     batch_size: int = 8
     device: torch.device | str | None = None
     offload: bool = False
+    checkpoint: str | None = None  # where the model was loaded from (the dense cache reads it; federated.dense)
     fabric: Any = None  # only for results that are not sums of client data (centralized's broadcast)
     eval_datasets: list[str] = field(default_factory=list)
     evaluate_local: Callable[[nn.Module], dict[str, float]] | None = None  # this process alone, no collectives
@@ -143,14 +147,24 @@ class Strategy(ABC):
         stays with the strategy until :meth:`local_sums`."""
         return 0
 
-    def local_sums(self, step: Step) -> dict[str, dict[str, torch.Tensor]]:
-        """kind -> {name: tensor}: this process's part of the step's sums. The same kinds, names,
+    def parts(self, step: Step) -> dict[str, Any]:
+        """The step's sums in parts (label -> part), reduced and aggregated one after another so that
+        only one part's sums are held at a time, e.g. one per block. The same on every process. The
+        default is one part, ``None``: :meth:`local_sums` and :meth:`aggregate` are then called without
+        a part. The reduce of a part is tagged ``"<step tag>, <label>"``."""
+        return {step.tag: None}
+
+    def local_sums(self, step: Step, part: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+        """kind -> {name: tensor}: this process's share of the step's (part's) sums. The same kinds, names,
         shapes and dtypes on every process, in the same order (zeros where this process has nothing)."""
         return {}
 
     @abstractmethod
-    def aggregate(self, step: Step, sums: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Turn the sums over all processes into the step's result (the same on every process)."""
+    def aggregate(self, step: Step, sums: dict[str, dict[str, torch.Tensor]], part: Any = None) -> None:
+        """Turn the sums over all processes into the step's (part's) result (the same on every process)."""
+
+    def finish(self, step: Step) -> None:
+        """After the last part of ``step`` is aggregated."""
 
     def summary(self) -> dict[str, Any]:
         """This strategy's entries of results.json (``perplexity`` and ``sparsity`` here replace the
