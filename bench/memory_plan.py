@@ -18,6 +18,7 @@ figure then comes from the code paths a run takes, walked on it:
 - aggregation of one block: the sums ``RoundStrategy.local_sums`` builds (float64, int32, int64), the
   reducer's buckets (``collectives.buckets``; staged on the GPU for NCCL), and the aggregate's
   workspace, measured here by running ``aggregate`` on a real 1024 x 1024 matrix, per weight;
+- the global masks: packed, 1/8 byte per prunable weight (``uploads.PackedMasks``), from aggregation on;
 - evaluation: the model plus one batch of logits ([batch, seqlen, vocab] in float32, as the metric reads
   them) and the live bytes of a block forward;
 - export: ``save_pretrained`` writes tensor by tensor from wherever the model is; the host holds the
@@ -116,8 +117,10 @@ def readers_of_the_architecture(dtype: torch.dtype) -> dict[str, str]:
     return walk.readers(0)
 
 
-def block_calibration_bytes(model, block, batch: int, seqlen: int, kind: str, readers: dict[str, str]) -> tuple[int, int]:
-    """(live-bytes peak of one batch through the block with its statistic hooks and once more, statistics bytes)."""
+def block_calibration_bytes(model, block, batch: int, seqlen: int, kind: str, readers: dict[str, str],
+                            hooks: bool = True) -> tuple[int, int]:
+    """(live-bytes peak of one batch through the block with its statistic hooks and once more, statistics bytes);
+    without ``hooks``, a plain forward of the block (evaluation)."""
     hidden = torch.zeros(batch, seqlen, model.config.hidden_size, dtype=next(model.parameters()).dtype, device="meta")
     positions = torch.arange(seqlen, device="meta")[None]
     with LiveBytes() as tracker:
@@ -126,7 +129,7 @@ def block_calibration_bytes(model, block, batch: int, seqlen: int, kind: str, re
         layers = find_prunable_layers(block)
         statistics = BlockStatistics(kind)
         # The grouping the engine finds by input identity (meta tensors have none): hook only the first reader.
-        owners = {name: layer for name, layer in layers.items() if readers[name] == name}
+        owners = {name: layer for name, layer in layers.items() if readers[name] == name} if hooks else {}
         _collect_statistics(block, owners, [hidden], [kwargs], kind, statistics, SequentialStats())
         block(hidden, **kwargs)  # advance: the pruned outputs
         stats_bytes = sum(s.value.numel() * s.value.element_size() for s in statistics.values.values())
@@ -194,10 +197,11 @@ def main() -> None:
 
     batch_eval = cfg["eval"]["batch_size"]
     logits = batch_eval * cfg["eval"]["seqlen"] * model.config.vocab_size * 4 * 2  # logits and the metric's copy
-    eval_forward, _ = block_calibration_bytes(model, blocks[0], batch_eval, cfg["eval"]["seqlen"], kind, readers)
+    eval_forward, _ = block_calibration_bytes(model, blocks[0], batch_eval, cfg["eval"]["seqlen"], kind, readers,
+                                              hooks=False)
     evaluation = total + logits + eval_forward
 
-    masks = sum(w.numel() for w in layers0.values()) * len(blocks)  # global masks, bool, on the host
+    masks = sum((w.numel() + 7) // 8 for w in layers0.values()) * len(blocks)  # global masks, packed (PackedMasks)
     rows = []
     for offload in (False, True):
         gpu = {
