@@ -251,11 +251,13 @@ class FederationConfig:
         if self.standalone_clients is not None and not 1 <= self.standalone_clients <= self.num_clients:
             raise UserError(f"federation.standalone_clients={self.standalone_clients}: must be null or in "
                             f"1..{self.num_clients} (federation.num_clients={self.num_clients})")
+        strategy = STRATEGIES[self.strategy]
+        with_values = " or ".join(name for name, cls in STRATEGIES.items() if cls.uploads_values)
         if self.paired_aggregation is not None:
-            primary = "fedavg" if self.strategy == "fedavg" else self.aggregation
-            if self.strategy not in ("fedspallm", "fedavg"):
-                raise UserError(f"federation.paired_aggregation={self.paired_aggregation}: needs strategy fedspallm or "
-                                f"fedavg, not {self.strategy}")
+            primary = strategy.aggregation_rule(self)
+            if not strategy.uploads_values:
+                raise UserError(f"federation.paired_aggregation={self.paired_aggregation}: needs strategy "
+                                f"{with_values}, not {self.strategy}")
             if self.paired_aggregation == primary:
                 raise UserError(f"federation.paired_aggregation={self.paired_aggregation}: the run already aggregates "
                                 f"with {primary}; pair it with the other rule")
@@ -266,9 +268,9 @@ class FederationConfig:
             if not 1 <= self.freeze_mask_after < self.rounds:
                 raise UserError(f"federation.freeze_mask_after={self.freeze_mask_after} with federation.rounds="
                                 f"{self.rounds}: the mask freezes after 1..rounds-1 rounds, or never (null)")
-            if self.strategy not in ("fedspallm", "fedavg"):
+            if not strategy.uploads_values:
                 raise UserError(f"federation.freeze_mask_after={self.freeze_mask_after}: refitting weights needs "
-                                f"uploaded values; federation.strategy={self.strategy} has none (use fedspallm or fedavg)")
+                                f"uploaded values; federation.strategy={self.strategy} has none (use {with_values})")
         if not 1 <= self.fail_round <= self.rounds:
             raise UserError(f"federation.fail_round={self.fail_round} with federation.rounds={self.rounds}: "
                             f"must be in 1..{self.rounds}")

@@ -22,7 +22,9 @@ import torch.distributed as dist
 from fedspallm.placement import collective_device
 
 KINDS = ("weight_sum", "keep_count", "contributors", "votes", "hessian", "sq_norms", "fit_weights", "metadata")
-DEFAULT_BUCKET_BYTES = 64 << 20
+# Below the 32 MB above which the CLI lets glibc map (and page-fault) each allocation afresh (cli.tune_allocator):
+# bucket buffers are then reused heap memory. The extra memory of a reduce is one bucket plus the sums.
+DEFAULT_BUCKET_BYTES = 16 << 20
 
 
 @runtime_checkable

@@ -106,6 +106,8 @@ class Strategy(ABC):
         clients_per_process: every process simulates at least one client, so a run needs no more
             processes than clients.
         exports_model: the run ends with one global model to export.
+        uploads_values: clients upload pruned values (not only masks), so refit rounds
+            (``federation.freeze_mask_after``) and ``federation.paired_aggregation`` apply.
     """
 
     name: ClassVar[str]
@@ -113,6 +115,12 @@ class Strategy(ABC):
     round_based: ClassVar[bool] = False
     clients_per_process: ClassVar[bool] = True
     exports_model: ClassVar[bool] = True
+    uploads_values: ClassVar[bool] = False
+
+    @classmethod
+    def aggregation_rule(cls, federation: FederationConfig) -> str | None:
+        """How uploaded values are averaged (``l0`` or ``fedavg``); None if no values are uploaded."""
+        return None
 
     @classmethod
     def configure(cls, federation: FederationConfig, num_blocks: int, seed: int) -> Any:

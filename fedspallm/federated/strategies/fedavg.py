@@ -12,5 +12,6 @@ class FedAvg(RoundStrategy):
     name = "fedavg"
     help = "plain averaging of the pruned uploads (zeros included), then mask expansion"
 
-    def rule(self) -> str:
+    @classmethod
+    def aggregation_rule(cls, federation) -> str:
         return "fedavg"

@@ -29,6 +29,11 @@ class MaskVote(RoundStrategy):
     name = "mask_vote"
     help = "FedPrLLM, clients upload masks only and the dense weights are pruned where most clients voted to prune"
     masks_only = True
+    uploads_values = False
+
+    @classmethod
+    def aggregation_rule(cls, federation) -> None:
+        return None
 
     def aggregate_matrix(self, step: Step, name: str, pooled: Contribution) -> PruneResult:
         spec = self.ctx.spec

@@ -43,6 +43,7 @@ class RoundStrategy(Strategy):
     """Rounds of sampled local pruning and pooled sums; subclasses choose the upload and the rule."""
 
     round_based = True
+    uploads_values = True
     masks_only: ClassVar[bool] = False  # clients upload masks only (no weight sums)
 
     @classmethod
@@ -178,10 +179,11 @@ class RoundStrategy(Strategy):
         if is_refit_round(cfg, step.index):
             # Every contributor kept exactly the global mask, so the ℓ0 average is the plain one and keeps that mask.
             return aggregate(pooled, "l0", False)
-        return aggregate(pooled, self.rule(), cfg.expansion, spec.sparsity, spec.n, spec.m)
+        return aggregate(pooled, self.aggregation_rule(cfg), cfg.expansion, spec.sparsity, spec.n, spec.m)
 
-    def rule(self) -> str:
-        return self.ctx.federation.aggregation
+    @classmethod
+    def aggregation_rule(cls, federation) -> str | None:
+        return federation.aggregation
 
     def paired_weights(self, method: str) -> dict[str, torch.Tensor]:
         """The same uploads aggregated by ``method`` (federation.paired_aggregation)."""
