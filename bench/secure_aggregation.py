@@ -64,13 +64,16 @@ class SimulatedPeers:
 
 
 def block_sums(block: int, clients: int) -> dict[str, dict[str, torch.Tensor]]:
-    """A party's sums for one block, shaped and typed as the round's reduce hands them."""
-    generator = torch.Generator().manual_seed(block)
+    """A party's sums for one block, shaped and typed as the round's reduce hands them.
+
+    Stand-in plaintext drawn from no generator at all (masking time does not depend on the values);
+    every mask comes from the reducer's AES-CTR keystream."""
     sums: dict[str, dict[str, torch.Tensor]] = {"weight_sum": {}, "keep_count": {}, "contributors": {}}
     for i, shape in enumerate(SHAPES):
         name = f"model.layers.{block}.{i}"
-        keep = torch.randint(0, clients + 1, shape, generator=generator, dtype=torch.int32)
-        sums["weight_sum"][name] = torch.randn(shape, generator=generator, dtype=torch.float64) * 0.02 * keep
+        position = torch.arange(shape[0] * shape[1], dtype=torch.int64).reshape(shape) + block * 7919 + i
+        keep = (position % (clients + 1)).to(torch.int32)
+        sums["weight_sum"][name] = torch.sin(position.to(torch.float64)) * 0.02 * keep
         sums["keep_count"][name] = keep
         sums["contributors"][name] = torch.tensor([clients], dtype=torch.int64)
     return sums
