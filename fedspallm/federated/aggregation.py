@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedspallm.errors import UserError
-from fedspallm.pruners.common import PruneResult, all_finite, num_to_prune, validate_pattern
+from fedspallm.pruners.common import PruneResult, all_finite, kth_smallest_float, num_to_prune, validate_pattern
 
 AGGREGATION_METHODS = ("l0", "fedavg")
 
@@ -205,14 +205,8 @@ def _kth(values: torch.Tensor, k: int, descending: bool, no_sign_bits: bool = Fa
             kth = high - step if descending else low + step
             return values.new_tensor(kth), ahead, int(counts[step])
     elif no_sign_bits and values.dtype == torch.float64 and not descending and numel >= _RADIX_MIN:
-        bucket = values.view(torch.int64) >> 48
-        low = int(bucket.min())
-        cumulative = torch.bincount(bucket - low).cumsum(0)
-        chosen = int(torch.searchsorted(cumulative, k))
-        before = int(cumulative[chosen - 1]) if chosen else 0
-        inside = values[bucket == chosen + low]
-        kth = inside.kthvalue(k - before).values
-        return kth, before + int((inside < kth).sum()), -1
+        kth = kth_smallest_float(values, k)
+        return kth, int((values < kth).sum()), -1
     kth = values.kthvalue(numel - k + 1 if descending else k).values
     return kth, int((values > kth).sum() if descending else (values < kth).sum()), -1
 

@@ -97,7 +97,7 @@ def _lowest_k(rows: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
     if rows.shape[0] == 1 and rows.dtype == torch.float32 and rows.shape[1] >= _RADIX_MIN:
-        kth = _kth_smallest_float32(rows.reshape(-1), k).reshape(1, 1)
+        kth = kth_smallest_float(rows.reshape(-1), k).reshape(1, 1)
     else:
         kth = rows.kthvalue(k, dim=1, keepdim=True).values
     at_most = rows <= kth
@@ -112,16 +112,18 @@ def _lowest_k(rows: torch.Tensor, k: int) -> torch.Tensor:
 _RADIX_MIN = 4096
 
 
-def _kth_smallest_float32(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest (1-based) of finite float32 ``values``, as kthvalue finds it, 5x faster on
-    10^5 entries: count the entries per value of the upper 16 bits of an order-preserving integer
-    key, and run kthvalue only on the bucket the k-th falls in (typically under 1% of them)."""
-    bits = values.contiguous().view(torch.int32)
-    bucket = bits >> 16
+def kth_smallest_float(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) of finite float32 or float64 ``values``, as kthvalue finds it, 5x
+    faster on 10^5 entries: count the entries per value of the upper 16 bits of an order-preserving
+    integer key, and run kthvalue only on the bucket the k-th falls in (typically under 1% of them)."""
+    width = values.element_size() * 8
+    bits = values.contiguous().view(torch.int32 if width == 32 else torch.int64)
+    shift = width - 16
+    bucket = bits >> shift
     low = int(bucket.min())
     if low < 0:
         # Negative floats sort in reverse by their bits: flipping all but the sign bit fixes the order.
-        bucket = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 16
+        bucket = (bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))) >> shift
         low = int(bucket.min())
     counts = torch.bincount(bucket - low, minlength=1).cumsum(0)
     chosen = int(torch.searchsorted(counts, k))  # first bucket whose running count reaches k
