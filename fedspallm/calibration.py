@@ -10,22 +10,30 @@ federated caller may sum them over clients first), and the block runs again so t
 outputs feed the next (``advance``), as in SparseGPT. Only one block's activations are held at a time.
 
 Projections that read the same tensor (q/k/v, gate/up) are grouped on the fly by the identity of
-their input and share one statistic.
+their input and share one statistic. Fused mixture-of-experts parameters (transformers 5) are one
+matrix per expert (:class:`fedspallm.models.ExpertMatrix`); during ``collect`` their module runs its
+eager per-expert forward and each expert matrix gets the statistics of the tokens routed to it (and,
+for the down projection, of their activations), caught where the forward applies that expert's slice.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fedspallm.errors import UserError
 from fedspallm.models import (
+    ExpertMatrix,
+    Matrix,
     find_decoder_blocks,
     find_prunable_layers,
     get_weight,
@@ -43,6 +51,8 @@ from fedspallm.pruners import (
     validate_pattern,
     wanda_prune,
 )
+
+log = logging.getLogger(__name__)
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -348,7 +358,7 @@ class SequentialCalibration:
     def full_name(self, index: int, name: str) -> str:
         return f"{self.prefix}.{index}.{name}"
 
-    def layers(self, index: int) -> dict[str, nn.Module]:
+    def layers(self, index: int) -> dict[str, Matrix]:
         """The prunable projections of block ``index``, by name inside the block."""
         return find_prunable_layers(self.blocks[index])
 
@@ -397,7 +407,7 @@ class SequentialCalibration:
     @torch.no_grad()
     def prune(self, index: int, statistics: BlockStatistics | None = None, *,
               fixed_masks: Mapping[str, torch.Tensor] | None = None,
-              layers: Mapping[str, nn.Module] | None = None, uncovered: str = "error") -> dict[str, PruneResult]:
+              layers: Mapping[str, Matrix] | None = None, uncovered: str = "error") -> dict[str, PruneResult]:
         """Prune block ``index`` (``layers`` of it, all its matrices in scope when None) from
         ``statistics`` and write the pruned weights into the model. Returns full name -> result.
 
@@ -427,6 +437,8 @@ class SequentialCalibration:
                                 "on these windows); add calibration data, or set federation.uncovered to magnitude "
                                 "or dense")
             self.uncovered[full_name] = uncovered
+            log.warning("%s: no calibration token reached it; %s (uncovered: %s)", full_name,
+                        "pruned by magnitude" if uncovered == "magnitude" else "left dense", uncovered)
         magnitude = PruneSpec("magnitude", self.spec.sparsity, self.spec.n, self.spec.m)
         # Layers that share a statistic are pruned together (q/k/v, gate/up); the others one by one.
         groups: dict[str, list[str]] = {}
@@ -560,7 +572,7 @@ def prune_sequential(
 
 def _collect_statistics(
     block: nn.Module,
-    layers: dict[str, nn.Module],
+    layers: dict[str, Matrix],
     hidden: list[torch.Tensor],
     kwargs: list[dict[str, Any]],
     kind: str | None,
@@ -594,12 +606,24 @@ def _collect_statistics(
 
         return hook
 
-    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    experts: dict[nn.Module, dict[tuple[str, int], str]] = {}
+    for name, layer in layers.items():
+        if isinstance(layer, ExpertMatrix):
+            experts.setdefault(layer.module, {})[(layer.param, layer.index)] = name
+            statistics.readers[name] = name  # an expert's input is its own routed tokens
+
+    def on_expert_input(name: str, inputs: torch.Tensor) -> None:
+        if kind is not None:
+            add(name, inputs)
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()
+               if not isinstance(layer, ExpertMatrix)]
     try:
-        for h, kw in zip(hidden, kwargs):
-            seen.clear()
-            block(h, **kw)
-            counters.forward_passes += 1
+        with _routed_inputs(experts, on_expert_input):
+            for h, kw in zip(hidden, kwargs):
+                seen.clear()
+                block(h, **kw)
+                counters.forward_passes += 1
     finally:
         for handle in handles:
             handle.remove()
@@ -611,3 +635,76 @@ def _collect_statistics(
             width = in_features(layers[key])
             shape = (width, width) if kind == "hessian" else (width,)
             statistics.values[key] = Statistic(kind, torch.zeros(shape, dtype=torch.float32), 0, 0)
+
+
+class _ExpertInputs(TorchFunctionMode):
+    """Inside an experts module's eager forward: every ``linear(x, W[e])`` or ``x @ W[e]`` whose weight
+    is expert e's slice of a watched fused parameter W reports x as that expert matrix's input."""
+
+    def __init__(self, watched: dict[str, torch.Tensor], names: dict[tuple[str, int], str],
+                 report: Callable[[str, torch.Tensor], None]) -> None:
+        super().__init__()
+        self.watched, self.names, self.report = watched, names, report
+
+    def _expert(self, weight: Any) -> tuple[str, int] | None:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return None
+        for param_name, param in self.watched.items():
+            if (weight.shape == param.shape[1:] and weight.stride() == param.stride()[1:]
+                    and weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()):
+                return param_name, (weight.storage_offset() - param.storage_offset()) // param.stride(0)
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEAR_FUNCS or func in _MATMUL_FUNCS:
+            weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+            hit = self._expert(weight)
+            name = self.names.get(hit) if hit is not None else None
+            if name is not None:
+                self.report(name, args[0])
+        return func(*args, **kwargs)
+
+
+_LINEAR_FUNCS = (torch.nn.functional.linear,)
+_MATMUL_FUNCS = (torch.matmul, torch.Tensor.__matmul__, torch.mm)
+
+
+@contextmanager
+def _routed_inputs(experts: dict[nn.Module, dict[tuple[str, int], str]],
+                   report: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, each fused-experts module runs its eager forward (the per-expert loop, which
+    transformers keeps as the undecorated forward; grouped kernels see all experts at once) and
+    reports every expert matrix's routed input: its own tokens, and for the down projection the
+    activations of those tokens."""
+    saved = {}
+    for module, names in experts.items():
+        forward = type(module).forward
+        eager = getattr(forward, "__wrapped__", forward)
+        watched = {param: getattr(module, param) for param, _ in names}
+
+        def run(*args: Any, _module=module, _eager=eager, _watched=watched, _names=names, **kwargs: Any) -> Any:
+            reported: list[str] = []
+
+            def note(name: str, inputs: torch.Tensor) -> None:
+                reported.append(name)
+                report(name, inputs)
+
+            with _ExpertInputs(_watched, _names, note):
+                output = _eager(_module, *args, **kwargs)
+            if not reported and args and isinstance(args[0], torch.Tensor) and args[0].numel():
+                raise UserError(f"{type(_module).__name__}: its forward does not apply one expert's slice of "
+                                f"{', '.join(_watched)} at a time, so the tokens routed to each expert can't be "
+                                "followed; exclude these experts with pruning.ignore")
+            return output
+
+        saved[module] = module.__dict__.get("forward")
+        module.forward = run
+    try:
+        yield
+    finally:
+        for module, forward in saved.items():
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedspallm.errors import UserError
-from fedspallm.models import prunable_modules
+from fedspallm.models import prunable_state_keys
 
 FORMAT_NAME = "fedspallm-bitmask"
 FORMAT_VERSION = 1
@@ -51,7 +51,7 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_compressed(model: nn.Module, path: Path) -> Path:
     """Write ``model`` to ``path`` (atomically) with every prunable matrix as bitmask + values."""
     state = _unique_state(model)
-    sparse = {f"{name}.weight" for name in prunable_modules(model)}
+    sparse = prunable_state_keys(model)
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for key, tensor in state.items():

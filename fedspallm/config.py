@@ -117,6 +117,13 @@ class PruningConfig:
         blocksize: SparseGPT column block size.
         percdamp: SparseGPT dampening, as a fraction of mean(diag H).
         offload: keep the model on the CPU and move one block at a time to the accelerator.
+        targets: module-name patterns of the matrices to prune (empty: every linear projection and
+            every expert matrix of the decoder blocks). A pattern is "re:<regex>" (matches the
+            whole name), a glob with * or ?, or a plain suffix at a dot ("down_proj",
+            "self_attn.q_proj"). Expert e of a fused experts parameter is named like
+            "model.layers.3.mlp.experts.down_proj[5]" and also answers to the name without "[e]".
+            MoE routers are never pruned. A pattern that matches nothing is an error.
+        ignore: module-name patterns (same syntax) of matrices to leave dense.
     """
 
     method: Literal["sparsegpt", "wanda", "magnitude"] = "sparsegpt"
@@ -125,6 +132,8 @@ class PruningConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     offload: bool = False
+    targets: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.pattern != "unstructured":

@@ -1,14 +1,27 @@
 """Load a causal LM from anywhere, and find its decoder blocks and prunable projections generically.
 
 No per-family code: the decoder blocks are the one ``nn.ModuleList`` with ``num_hidden_layers``
-children of one class, and the prunable projections are the ``nn.Linear`` (or GPT-2 ``Conv1D``,
-whose weight is stored transposed) modules inside a block.
+children of one class, and the prunable matrices of a block are
+
+- its ``nn.Linear`` modules (and GPT-2's ``Conv1D``, whose weight is stored transposed), and
+- every expert's matrix in fused mixture-of-experts parameters: transformers 5 stores the experts of
+  Mixtral, Qwen2-MoE, ... as 3-D parameters ``[experts, out, in]`` (``[experts, in, out]`` where the
+  experts class says ``is_transposed``). Expert e of parameter ``gate_up_proj`` of module
+  ``mlp.experts`` is the 2-D matrix named ``mlp.experts.gate_up_proj[e]`` (an :class:`ExpertMatrix`).
+
+Routers are never pruned: a module named ``gate``, ``router`` or ``shared_expert_gate`` in a block
+that has experts (Mixtral's ``mlp.gate``, Qwen2-MoE's ``mlp.shared_expert_gate``). Every matrix
+goes through :func:`get_weight` / :func:`set_weight` as ``[out, in]``, whatever its storage.
+
+``pruning.targets`` / ``pruning.ignore`` narrow the selection (:func:`select_prunable`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -41,26 +54,59 @@ def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (_CONV1D is not None and isinstance(module, _CONV1D))
 
 
-def is_transposed(module: nn.Module) -> bool:
-    """GPT-2's Conv1D stores its weight as [in, out]; nn.Linear as [out, in]."""
+class ExpertMatrix:
+    """Expert ``index``'s matrix in the fused 3-D parameter ``param`` of an experts ``module``."""
+
+    def __init__(self, module: nn.Module, param: str, index: int) -> None:
+        self.module, self.param, self.index = module, param, index
+        self.transposed = bool(getattr(module, "is_transposed", False))
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        return getattr(self.module, self.param)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """This expert's slice, in the parameter's own layout (a view)."""
+        return self.parameter[self.index]
+
+    def __repr__(self) -> str:
+        return f"ExpertMatrix({type(self.module).__name__}.{self.param}[{self.index}])"
+
+
+Matrix = nn.Module | ExpertMatrix  # what find_prunable_layers returns
+
+
+def is_transposed(module: Matrix) -> bool:
+    """GPT-2's Conv1D stores its weight as [in, out], nn.Linear as [out, in]; experts say so themselves."""
+    if isinstance(module, ExpertMatrix):
+        return module.transposed
     return _CONV1D is not None and isinstance(module, _CONV1D)
 
 
-def get_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as [out_features, in_features] (a view for Conv1D)."""
+def get_weight(module: Matrix) -> torch.Tensor:
+    """The weight as [out_features, in_features] (a view where it is stored otherwise)."""
     return module.weight.t() if is_transposed(module) else module.weight
 
 
 @torch.no_grad()
-def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+def set_weight(module: Matrix, weight: torch.Tensor) -> None:
     """Write an [out, in] weight back, in the module's own layout, dtype and device."""
     if is_transposed(module):
         weight = weight.t()
     module.weight.copy_(weight.to(module.weight.dtype))
 
 
-def in_features(module: nn.Module) -> int:
+def in_features(module: Matrix) -> int:
     return get_weight(module).shape[1]
+
+
+def fused_expert_parameters(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own 3-D parameters: fused experts, one matrix per expert."""
+    return [name for name, param in module.named_parameters(recurse=False) if param.dim() == 3]
+
+
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -87,17 +133,97 @@ def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return min(candidates, key=lambda item: item[0].count("."))[1]
 
 
-def find_prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """Prunable projections of one block, by their name inside the block, in forward order."""
-    return {name: module for name, module in block.named_modules() if name and is_prunable(module)}
+def _all_prunable(block: nn.Module) -> dict[str, Matrix]:
+    """Every prunable matrix of one block, routers left out, by name inside the block, in forward order."""
+    modules = dict(block.named_modules())
+    has_experts = any(name.rsplit(".", 1)[-1] == "experts" or fused_expert_parameters(m) for name, m in modules.items())
+    found: dict[str, Matrix] = {}
+    for name, module in modules.items():
+        if not name:
+            continue
+        if is_prunable(module):
+            if not (has_experts and name.rsplit(".", 1)[-1] in ROUTER_NAMES):
+                found[name] = module
+            continue
+        for param in fused_expert_parameters(module):
+            for expert in range(getattr(module, param).shape[0]):
+                found[f"{name}.{param}[{expert}]"] = ExpertMatrix(module, param, expert)
+    return found
 
 
-def prunable_modules(model: nn.Module, blocks: list[int] | None = None) -> dict[str, nn.Module]:
-    """Prunable projections of the given blocks (all when None), by full module name, in block order."""
+def find_prunable_layers(block: nn.Module) -> dict[str, Matrix]:
+    """The prunable matrices of one block in scope (see :func:`select_prunable`), by name inside the
+    block, in forward order."""
+    found = _all_prunable(block)
+    selected = block.__dict__.get("_fedspallm_selected")
+    return found if selected is None else {name: matrix for name, matrix in found.items() if name in selected}
+
+
+def prunable_modules(model: nn.Module, blocks: list[int] | None = None) -> dict[str, Matrix]:
+    """Prunable matrices of the given blocks (all when None), by full name, in block order."""
     stack = find_decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is stack)
     indices = range(len(stack)) if blocks is None else blocks
     return {f"{prefix}.{b}.{name}": layer for b in indices for name, layer in find_prunable_layers(stack[b]).items()}
+
+
+def prunable_state_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys that hold prunable matrices: ``<module>.weight``, or the key of a fused
+    experts parameter (all its experts' matrices)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return {f"{names[id(matrix.module)]}.{matrix.param}" if isinstance(matrix, ExpertMatrix) else f"{name}.weight"
+            for name, matrix in prunable_modules(model).items()}
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether module-name ``pattern`` selects matrix ``name`` (a full name such as
+    ``model.layers.3.mlp.experts.down_proj[5]``).
+
+    - ``re:<regex>``: the regular expression matches the whole name (``re.fullmatch``);
+    - otherwise a glob (``*``, ``?``) on the whole name, or, without wildcards, a suffix at a dot:
+      ``down_proj`` and ``mlp.down_proj`` select every block's ``mlp.down_proj``.
+
+    An expert matrix also answers to its parameter's name without the ``[e]`` index, so
+    ``experts.down_proj`` selects every expert's down projection; one expert takes a regex
+    (``re:.*experts\.down_proj\[5\]``).
+    """
+    names = [name]
+    if name.endswith("]") and "[" in name:
+        names.append(name[: name.rindex("[")])
+    if pattern.startswith("re:"):
+        regex = re.compile(pattern[3:])
+        return any(regex.fullmatch(n) for n in names)
+    if any(c in pattern for c in "*?"):
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+    return any(n == pattern or n.endswith("." + pattern) for n in names)
+
+
+def select_prunable(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None) -> None:
+    """Narrow what is pruned (and counted as prunable) to the matrices that match a ``targets`` pattern
+    (all when empty) and no ``ignore`` pattern; see :func:`matches` for the syntax. The choice is kept
+    on the model's blocks, so every enumeration (:func:`prunable_modules`, the sparsity report, the
+    federated aggregation) sees the same set. A pattern that matches no matrix is an error."""
+    targets, ignore = list(targets or []), list(ignore or [])
+    stack = find_decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is stack)
+    every = {b: _all_prunable(block) for b, block in enumerate(stack)}
+    for key, patterns in (("targets", targets), ("ignore", ignore)):
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise UserError(f"pruning.{key}: {pattern!r} is not a valid regular expression ({err})") from None
+            if not any(matches(pattern, f"{prefix}.{b}.{name}") for b, found in every.items() for name in found):
+                raise UserError(f"pruning.{key}: {pattern!r} matches no prunable matrix of this model "
+                                f"(names look like {prefix}.0.{next(iter(every[0]), '?')})")
+    for b, block in enumerate(stack):
+        chosen = {name for name in every[b]
+                  if (not targets or any(matches(p, f"{prefix}.{b}.{name}") for p in targets))
+                  and not any(matches(p, f"{prefix}.{b}.{name}") for p in ignore)}
+        block.__dict__["_fedspallm_selected"] = None if len(chosen) == len(every[b]) else frozenset(chosen)
+    if not any(find_prunable_layers(block) for block in stack):
+        raise UserError("pruning.targets / pruning.ignore leave no matrix to prune")
 
 
 def context_length(model: nn.Module) -> int | None:

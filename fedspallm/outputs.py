@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedspallm.models import get_weight, prunable_modules, strip_quantization
+from fedspallm.models import find_decoder_blocks, get_weight, prunable_modules, strip_quantization
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -46,12 +46,20 @@ def zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
 def sparsity_report(model: nn.Module, target: float, counts: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """Achieved sparsity: overall (over prunable matrices) and per matrix, counting every zero.
 
-    ``counts`` (from :func:`zero_counts`, possibly of another process's model) replaces counting ``model``."""
+    ``counts`` (from :func:`zero_counts`, possibly of another process's model) replaces counting ``model``.
+
+    ``blocks`` puts it against every parameter of the decoder blocks (norms, biases, routers and
+    matrices out of scope included): ``in_scope`` is the fraction of them in the prunable matrices,
+    ``zeros_in_scope`` the fraction that are zeros of those matrices. A mixture-of-experts model whose
+    experts were left out shows a small ``in_scope``."""
     counts = zero_counts(model) if counts is None else counts
     zeros = sum(z for z, _ in counts.values())
     total = sum(n for _, n in counts.values())
+    block_total = sum(p.numel() for p in find_decoder_blocks(model).parameters())
     return {"target": target, "overall": zeros / total if total else 0.0,
-            "per_matrix": {name: z / n for name, (z, n) in counts.items()}}
+            "per_matrix": {name: z / n for name, (z, n) in counts.items()},
+            "blocks": {"in_scope": total / block_total if block_total else 0.0,
+                       "zeros_in_scope": zeros / block_total if block_total else 0.0}}
 
 
 def dense_zero_count(model: nn.Module) -> int:

@@ -256,9 +256,10 @@ def check_shapes(net: nn.Module, seed: int, data: DataConfig, eval: EvalConfig, 
                  federation: FederationConfig) -> Any:
     """Shapes against the config; returns the strategy's plan for this model (checked, e.g. its coverage)."""
     from fedspallm.federated.strategies import get_strategy
-    from fedspallm.models import find_decoder_blocks, get_weight, prunable_modules
+    from fedspallm.models import find_decoder_blocks, get_weight, prunable_modules, select_prunable
 
     check_lengths(net, data, eval)
+    select_prunable(net, pruning.targets, pruning.ignore)
     n, m = pruning.n_m
     layers = prunable_modules(net)
     sizes = sorted({get_weight(layer).shape[1] for layer in layers.values()})

@@ -32,7 +32,14 @@ from fedspallm.federated.rounds import check_processes
 from fedspallm.federated.strategies import RunContext, get_strategy
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
 from fedspallm.environment import describe_environment
-from fedspallm.models import find_decoder_blocks, get_weight, load_model, prunable_modules, set_weight
+from fedspallm.models import (
+    find_decoder_blocks,
+    get_weight,
+    load_model,
+    prunable_modules,
+    select_prunable,
+    set_weight,
+)
 from fedspallm.outputs import (
     atomic_write_json,
     dense_zero_count,
@@ -90,6 +97,7 @@ def prune(
 
     loaded = load_model(model)
     net, tokenizer = loaded.model, loaded.tokenizer
+    select_prunable(net, pruning.targets, pruning.ignore)
     net.to(load_device(fabric.device, pruning.offload))  # the placement rule: fedspallm.placement
     check_lengths(net, data, eval)
     eval_sets = {name: eval_windows(name, tokenizer, eval.seqlen, eval.max_windows, checks.corpora)

@@ -32,7 +32,7 @@ class Centralized(Strategy):
         ctx = self.ctx
         codec = StatisticCodec(public_token_count(ctx.calibration))
         prune_sequential(ctx.model, ctx.calibration.all_windows(), ctx.spec, on_block=on_block,
-                         finalize=codec.round_trip, **ctx.engine)
+                         finalize=codec.round_trip, uncovered=ctx.federation.uncovered, **ctx.engine)
         return 0
 
     def aggregate(self, step: Step, sums) -> None:

@@ -52,7 +52,8 @@ class Standalone(Strategy):
 
     def client_update(self, step: Step, client: int, on_block) -> int:
         ctx = self.ctx
-        prune_sequential(ctx.model, self.windows[client], ctx.spec, on_block=on_block, **ctx.engine)
+        prune_sequential(ctx.model, self.windows[client], ctx.spec, on_block=on_block,
+                         uncovered=ctx.federation.uncovered, **ctx.engine)
         if client == self.evaluated[0]:
             self.counts = zero_counts(ctx.model)  # every client prunes to the same target: one report
         started = time.perf_counter()
