@@ -187,3 +187,29 @@ def test_a_model_without_decoder_blocks_is_one_line():
         find_decoder_blocks(Flat())
     with pytest.raises(UserError, match="no stack of decoder blocks"):
         prune_sequential(Flat(), random_windows(n=2), PruneSpec("sparsegpt", 0.5))
+
+
+@pytest.mark.parametrize("strategy", ["centralized", "fedstats", "fedspallm"])
+def test_moe_prunes_every_expert_under_each_strategy(strategy):
+    from test_fedstats import client_windows, run
+
+    model = make_moe()
+    windows = client_windows(3, per_client=4, seqlen=32)
+    run(strategy, model, windows, PruneSpec("sparsegpt", 0.5), uncovered="magnitude",
+        **({} if strategy == "centralized" else {"sampling": "all"}))
+    experts = {n: get_weight(m) for n, m in prunable_modules(model).items() if "experts" in n}
+    assert len(experts) == 2 * 2 * EXPERTS  # 2 blocks x (gate_up_proj, down_proj) x experts
+    for name, weight in experts.items():
+        assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-2), name
+
+
+def test_fedstats_of_one_client_is_centralized_bit_for_bit_on_experts():
+    from test_fedstats import client_windows, run
+
+    windows = client_windows(1, per_client=6, seqlen=32)
+    central, fed = make_moe(), make_moe()
+    run("centralized", central, windows, PruneSpec("sparsegpt", 0.5), uncovered="error")
+    run("fedstats", fed, windows, PruneSpec("sparsegpt", 0.5), uncovered="error", sampling="all")
+    mine, theirs = fed.state_dict(), central.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert any("experts" in k and (v == 0).any() for k, v in mine.items())

@@ -47,7 +47,7 @@ from fedspallm.federated.rounds import RoundPlan
 from fedspallm.federated.summed_statistics import COUNT_FIELDS, StatisticCodec, public_token_count
 from fedspallm.federated.strategies.base import RunContext, Strategy, register
 from fedspallm.federated.strategies.round_based import RoundStrategy
-from fedspallm.models import find_decoder_blocks, get_weight, in_features, prunable_modules, set_weight
+from fedspallm.models import find_decoder_blocks, find_prunable_layers, get_weight, in_features, prunable_modules, set_weight
 from fedspallm.preflight import same_on_every_rank
 from fedspallm.pruners import magnitude_prune
 
@@ -133,9 +133,8 @@ class FedStats(Strategy):
         """The block's statistic keys (the same on every process, in forward order) -> input width."""
         if not self.readers:  # no client of this process sampled the block: the block's structure says
             self.readers = next(iter(self.walks.values())).readers(block)
-        layers = find_decoder_blocks(self.ctx.model)[block]
-        named = dict(layers.named_modules())
-        return {key: in_features(named[key]) for key in dict.fromkeys(self.readers.values())}
+        layers = find_prunable_layers(find_decoder_blocks(self.ctx.model)[block])  # experts are matrices, not modules
+        return {key: in_features(layers[key]) for key in dict.fromkeys(self.readers.values())}
 
     def local_sums(self, step: Step) -> dict[str, dict[str, torch.Tensor]]:
         if not self.summed(step.index):
