@@ -204,6 +204,69 @@ def communication_runs() -> list[Run]:
     return runs + [prune_run("mask_vote", description="mask_vote (FedPrLLM): bitmask of all blocks")]
 
 
+def default_config_run(strategy: str, target: str = "0.7", partition: str = "iid", method: str = "sparsegpt",
+                       variant: str = "", extra: list[str] | None = None, **tags) -> Run:
+    """One ``prune`` run of ``configs/default.yaml`` itself (32 windows x 512 tokens over 4 clients; perplexity on
+    32 windows x 512 tokens), changed only where named: the setting of issue 14's acceptance."""
+    name = f"default-{strategy}-{method}-{target.replace(':', 'of')}-{partition}" + (f"-{variant}" if variant else "")
+    args = ["prune", "--config", "configs/default.yaml", "--runtime.progress", "false", "--runtime.threads", "1",
+            "--eval.datasets", "[" + ", ".join(DATASETS) + "]", *NO_EXPORT, "--federation.strategy", strategy,
+            "--data.partition", partition, "--pruning.method", method, *target_args(target), *(extra or [])]
+    return Run(name, args, {"strategy": strategy, "method": method, "target": target, "clients": 4,
+                            "partition": partition, "seed": 0, "variant": variant, **tags})
+
+
+SAMPLING_ALL = ["--federation.sampling", "all"]
+# (target, partition, method): the cells where fedstats must equal centralized on the same windows
+FEDSTATS_CELLS = [("0.7", "iid", "sparsegpt"), ("0.5", "iid", "sparsegpt"), ("2:4", "iid", "sparsegpt"),
+                  ("0.7", "iid", "wanda"), ("0.7", "topic", "sparsegpt")]
+
+
+def fedstats_runs() -> list[Run]:
+    """fedstats (every client adds statistics for every block; and with the default budget 0.5) against
+    centralized on the same windows, and against FedSpaLLM and the standalone clients at 70%."""
+    runs = []
+    for target, partition, method in FEDSTATS_CELLS:
+        runs += [default_config_run("centralized", target, partition, method),
+                 default_config_run("fedstats", target, partition, method, "all", SAMPLING_ALL)]
+    runs += [default_config_run("fedstats", "0.7", p) for p in ("iid", "topic")]  # budget 0.5, systematic
+    return runs + [default_config_run(s, "0.7", p) for s in ("fedspallm", "standalone") for p in ("iid", "topic")]
+
+
+def fedstats_table(runs: list[Run]) -> str:
+    by_name = {run.name: run.results() for run in runs}
+
+    def get(*args, **kwargs) -> dict | None:
+        return by_name.get(default_config_run(*args, **kwargs).name)
+
+    lines = ["`configs/default.yaml` (SmolLM2-135M-Instruct fp32, 32 calibration windows x 512 tokens over 4 clients, "
+             "seed 0), changed only as each row says; perplexity on 32 windows x 512 tokens. Centralized prunes the "
+             "union of the same 4 clients' windows. 'all': every client adds statistics for every block "
+             "(`federation.sampling all`); 'budget 0.5': the default systematic sampling, each block pruned from the "
+             "statistics of the 2 clients that sampled it.", ""]
+    for dataset in DATASETS:
+        lines += [f"**{DATASET_NAMES[dataset]}**", "",
+                  "| target | partition | pruner | centralized | fedstats (all) | fedstats / centralized | "
+                  "fedstats (budget 0.5) | FedSpaLLM | standalone mean [min, max] | sparsity (fedstats all) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for target, partition, method in FEDSTATS_CELLS:
+            central, fed = get("centralized", target, partition, method), get("fedstats", target, partition, method, "all")
+            ratio = f"{ppl(fed, dataset) / ppl(central, dataset):.4f}" if central and fed else "-"
+            seventy = target == "0.7" and method == "sparsegpt"
+            budget, fedspallm, alone = ((get("fedstats", target, partition), get("fedspallm", target, partition),
+                                         get("standalone", target, partition)) if seventy else (None, None, None))
+            sparsity = f"{fed['sparsity']['overall']:.4f}" if fed else "-"
+            lines.append(f"| {label(target)} | {partition} | {method} | {cell(central, dataset)} | {cell(fed, dataset)} | "
+                         f"{ratio} | {cell(budget, dataset)} | {cell(fedspallm, dataset)} | {cell(alone, dataset)} | "
+                         f"{sparsity} |")
+        lines.append("")
+    fed = get("fedstats", "0.7", "iid", "sparsegpt", "all")
+    if fed and "communication" in fed:
+        lines += ["Communication of the 70% IID fedstats (all) run, from its results.json:", "", "```json",
+                  json.dumps(fed["communication"], indent=1)[:2000], "```", ""]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 
@@ -574,6 +637,7 @@ EXPERIMENTS = {
     "clients": (clients_runs, clients_table, plot_clients),
     "heterogeneity": (heterogeneity_runs, heterogeneity_table, None),
     "communication": (communication_runs, communication_table, plot_bytes),
+    "fedstats": (fedstats_runs, fedstats_table, None),
 }
 
 
