@@ -87,12 +87,16 @@ class EvalConfig:
         seqlen: tokens per evaluation window (non-overlapping, the remainder is dropped).
         max_windows: evaluate at most this many windows per dataset (null for all).
         batch_size: windows per forward pass.
+        dtype: float32 or bfloat16: the dtype the model is evaluated in (its weights are cast for
+            the evaluation only); null: the model's own dtype (model.dtype). results.json reports
+            the dtype used: perplexities in different dtypes are not comparable.
     """
 
     datasets: list[str] = field(default_factory=lambda: ["default"])
     seqlen: int = 512
     max_windows: Optional[int] = 32
     batch_size: int = 4
+    dtype: Optional[Literal["float32", "bfloat16"]] = None
 
     def __post_init__(self) -> None:
         if not self.datasets:

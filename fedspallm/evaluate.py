@@ -41,7 +41,7 @@ def validate(
     net = loaded.model.to(fabric.device)
     check_context(net, {"eval.seqlen": eval.seqlen})
     reporter = RunReporter(fabric, output.dir, runtime.progress)
-    module = CausalLMModule(net)
+    module = CausalLMModule(net, eval_dtype=eval.dtype)
     perplexity = {}
     windows_used = {}
     for name in eval.datasets:
@@ -55,7 +55,7 @@ def validate(
         "seed": seed,
         "dtype": model.dtype,
         "perplexity": perplexity,
-        "eval": {"seqlen": eval.seqlen, "windows": windows_used},
+        "eval": {"seqlen": eval.seqlen, "windows": windows_used, "dtype": module.evaluation_dtype},
         "sparsity": sparsity_report(net, 0.0),
         "wall_time_s": time.perf_counter() - started,
     }

@@ -279,6 +279,7 @@ def finetune(
     check_context(net, {"fit.seqlen": fit.seqlen, "eval.seqlen": eval.seqlen})
     total_steps = fit.rounds * fit.local_steps if fit.federated else fit.max_steps
     module = module_for(net, fit, total_steps)
+    module.eval_dtype = eval.dtype
     module.prepare_training()  # freeze, and take the masks from the weights as loaded
     zeros_before = zero_sets(net)
     sparsity_before = sparsity_report(net, 0.0)
@@ -330,7 +331,7 @@ def finetune(
         "dtype": model.dtype,
         "seed": seed,
         "fit": asdict(fit),
-        "eval": asdict(eval),
+        "eval": asdict(eval) | {"dtype": module.evaluation_dtype},
         "world_size": fabric.world_size,
         "perplexity_before": before,
         "perplexity": after,

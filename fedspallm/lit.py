@@ -38,11 +38,13 @@ import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from fedspallm.dtypes import check_compute_dtype, parameters_in
 from fedspallm.errors import UserError
 from fedspallm.models import find_decoder_blocks, prunable_modules
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
+EVAL_DTYPES = ("float32", "bfloat16")
 
 
 def new_perplexity_metric(sync: bool = True) -> Perplexity:
@@ -115,6 +117,10 @@ class CausalLMModule(L.LightningModule):
     which parameters train (see :func:`trainable_names`) and whether the zeros of the prunable
     matrices are kept (``keep_masks``). ``schedule_offset`` shifts the schedule: a federated client
     in round r starts at step ``r * local_steps`` of the global schedule.
+
+    ``eval_dtype`` ("float32" or "bfloat16"; None = the model's own dtype) is the dtype
+    :func:`evaluate_perplexity` runs the model in: its parameters are cast for the evaluation and put
+    back afterwards (see :func:`fedspallm.dtypes.parameters_in`). Perplexities in different dtypes are not comparable.
     """
 
     def __init__(
@@ -130,9 +136,13 @@ class CausalLMModule(L.LightningModule):
         total_steps: int | None = None,
         trainable: str = "all",
         keep_masks: bool = True,
+        eval_dtype: str | None = None,
     ):
         super().__init__()
         self.model = model
+        if eval_dtype is not None and eval_dtype not in EVAL_DTYPES:
+            raise UserError(f"eval.dtype={eval_dtype!r}: use one of {', '.join(EVAL_DTYPES)} (or null: the model's dtype)")
+        self.eval_dtype = eval_dtype
         self.val_ppl = new_perplexity_metric()
         self.test_ppl = new_perplexity_metric()
         if optimizer not in OPTIMIZERS:
@@ -241,6 +251,13 @@ class CausalLMModule(L.LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------------
 
+    @property
+    def evaluation_dtype(self) -> str:
+        """The dtype :func:`evaluate_perplexity` runs the model in, by name ("float32", "bfloat16", ...)."""
+        if self.eval_dtype is not None:
+            return self.eval_dtype
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         return self.model(input_ids=input_ids, **kwargs)
 
@@ -330,6 +347,9 @@ def evaluate_perplexity(
         _check_same_windows(fabric, windows)
 
     device = next(inner.parameters()).device
+    dtype = getattr(torch, inner.evaluation_dtype)
+    if inner.eval_dtype is not None:
+        check_compute_dtype(dtype, device, "eval.dtype")
     shard = windows[rank::world_size]
     metric = new_perplexity_metric(sync=fabric is not None).to(device)
     was_training = inner.training
@@ -343,7 +363,7 @@ def evaluate_perplexity(
         task = bar.add_task(label, total=shard.shape[0])
         bar.start()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), parameters_in(inner.model, dtype):
             for start in range(0, shard.shape[0], batch_size):
                 batch = shard[start : start + batch_size].to(device)
                 inner.update_perplexity(metric, batch)

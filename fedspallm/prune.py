@@ -109,7 +109,7 @@ def prune(
     num_blocks = len(find_decoder_blocks(net))
     dense_zeros = dense_zero_count(net)
     load_s = time.perf_counter() - started
-    module = CausalLMModule(net)
+    module = CausalLMModule(net, eval_dtype=eval.dtype)
     prune_started = time.perf_counter()
 
     ctx = RunContext(net, spec, federation, calibration, seed=seed, rank=fabric.global_rank,
@@ -182,7 +182,7 @@ def prune(
         "world_size": fabric.world_size,
         "federation": asdict(federation),
         "data": asdict(data),
-        "eval": asdict(eval),
+        "eval": asdict(eval) | {"dtype": module.evaluation_dtype},
         "perplexity": perplexity,
         "sparsity": sparsity,
         "dense_zeros": dense_zeros,

@@ -42,6 +42,7 @@ def test_dense_perplexity_of_the_default_model_on_its_test_split_matches_a_direc
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     reported = only_results(out)["perplexity"]["default"]
+    assert only_results(out)["eval"]["dtype"] == "float32"
     loaded = load_model(ModelConfig())
     windows = eval_windows("default", loaded.tokenizer, 256, 6)
     assert reported == pytest.approx(direct_perplexity(loaded.model, windows), rel=1e-3)

@@ -92,6 +92,39 @@ def test_bfloat16_model_is_scored_in_float32(fabric):
     assert math.isfinite(half) and half == pytest.approx(dense, rel=2e-2)
 
 
+def test_eval_dtype_casts_the_parameters_for_the_evaluation_only(fabric):
+    model = tiny_llama()
+    windows = random_windows(4, 16)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    module = CausalLMModule(model, eval_dtype="bfloat16")
+    assert module.evaluation_dtype == "bfloat16" and CausalLMModule(model).evaluation_dtype == "float32"
+    got = evaluate_perplexity(fabric, module, windows, progress=False)
+    # the same as a copy whose parameters (not buffers) are bfloat16 ...
+    expected_model = tiny_llama()
+    for p in expected_model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert got == evaluate_perplexity(fabric, CausalLMModule(expected_model), windows, progress=False)
+    assert got != evaluate_perplexity(fabric, CausalLMModule(model), windows, progress=False)
+    # ... and the float32 model keeps its very tensors, bitwise
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.data_ptr() == before[name][0] and torch.equal(p, before[name][1])
+    # a bfloat16 model evaluated in float32
+    up = evaluate_perplexity(fabric, CausalLMModule(expected_model, eval_dtype="float32"), windows, progress=False)
+    expected_model.float()
+    assert up == evaluate_perplexity(fabric, CausalLMModule(expected_model), windows, progress=False)
+    with pytest.raises(UserError, match="eval.dtype='float16'"):
+        CausalLMModule(model, eval_dtype="float16")
+
+
+def test_compute_dtypes_this_device_cannot_use_are_one_clear_line():
+    from fedspallm.dtypes import check_compute_dtype
+
+    with pytest.raises(UserError, match="pruning.calibration_dtype=float16: CPUs"):
+        check_compute_dtype(torch.float16, torch.device("cpu"), "pruning.calibration_dtype")
+    check_compute_dtype(torch.bfloat16, torch.device("cpu"), "eval.dtype")  # supported here
+    check_compute_dtype(torch.float32, torch.device("cpu"), "eval.dtype")
+
+
 def test_rejects_bad_windows(fabric):
     module = CausalLMModule(tiny_llama())
     with pytest.raises(UserError, match="LongTensor"):

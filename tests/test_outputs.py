@@ -91,6 +91,7 @@ def test_results_json_has_every_design_key(run_dir, results, tiny_model_dir):
     assert results["pruning"] == {"method": "sparsegpt", "sparsity": SPARSITY, "pattern": "unstructured"}
     assert results["num_clients"] == NUM_CLIENTS and results["rounds"] == 1 and results["seed"] == 0
     assert set(results["perplexity"]) == {"default"}
+    assert results["eval"]["dtype"] == "float32"  # the model's own dtype (eval.dtype null)
     assert math.isfinite(results["perplexity"]["default"]) and results["perplexity"]["default"] > 1
     sparsity = results["sparsity"]
     assert set(sparsity) >= {"target", "overall", "per_matrix"}

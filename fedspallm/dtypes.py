@@ -1,0 +1,66 @@
+"""Compute dtypes apart from the storage dtype: evaluation (``eval.dtype``) and calibration forwards
+(``pruning.calibration_dtype``) run the model in another dtype than its weights are kept in.
+
+The weights are never converted in place: :func:`parameters_in` swaps in cast copies and puts the
+original tensors back, so a float32 model computed in bfloat16 keeps its float32 weights bit for
+bit (``model.to(bfloat16).to(float32)`` would round them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedspallm.errors import UserError
+
+
+def check_compute_dtype(dtype: torch.dtype, device: torch.device, what: str) -> None:
+    """One clear line for a dtype this device cannot compute in: float16 on the CPU, bfloat16 on a
+    CUDA GPU without bfloat16 support."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError(f"{what}=float16: CPUs compute float16 matmuls slowly and without float32 accumulation "
+                        "here; use bfloat16 or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{what}={name}: this GPU ({torch.cuda.get_device_name(device)}) does not support "
+                        "bfloat16; use float32")
+
+
+@contextmanager
+def parameters_in(module: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Every floating-point parameter of ``module`` cast to ``dtype`` for the duration of the block.
+
+    The original tensors are put back afterwards untouched. Buffers (rotary frequency tables) keep
+    their dtype: the models compute from them in float32 anyway. ``None``, or parameters already in
+    ``dtype``: nothing is cast.
+    """
+    saved = []
+    if dtype is not None:
+        for param in module.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                saved.append((param, param.data))
+                param.data = param.data.to(dtype)
+    try:
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``:
+    the hidden states and keyword arguments (rotary cos/sin, additive masks) a block receives, as the
+    model would produce them if it were in ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(cast_floats(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [cast_floats(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
