@@ -1,14 +1,21 @@
 """Centralized pruning of the embedded default model: SparseGPT, Wanda and magnitude, measured in one run.
 
-    python bench/prune.py                      # about 1.5 minutes on the shared 2-core CPU
-    python bench/prune.py --nsamples 8         # quicker
+    python bench/prune.py                          # the issue-17 protocol: 32 x 512, 50%, fp32 and bf16 calibration
+    python bench/prune.py --more-sparsities 0.7    # adds the 70% rows of the calibration-dtype table
+    python bench/prune.py --nsamples 8 --seqlen 256 --calibration-dtypes float32   # quicker
 
 Setting (the defaults): all 30 blocks of the embedded SmolLM2-135M in float32, unstructured 50%
-sparsity, ``--nsamples`` 16 calibration windows x ``--seqlen`` 256 tokens (4,096 tokens) drawn by
+sparsity, ``--nsamples`` 32 calibration windows x ``--seqlen`` 512 tokens (16,384 tokens) drawn by
 ``plan_calibration("default", ..., partition="iid", seed=0)`` exactly as the ``centralized`` strategy
-draws them, calibration batch 8; perplexity on ``eval_windows("default")``, 8 windows x 512 tokens
-(the test split). The size keeps the whole bench under about ten minutes here; the experiments
-(experiments/run.py) calibrate on 32 x 256.
+draws them, calibration batch 8; perplexity on two texts, ``--eval-windows`` 16 windows x 512 tokens
+each: ``eval_windows("default")`` (the embedded test split, Wikipedia) and the Python reference
+topics that ship with the interpreter (``pydoc_data.topics``: not Wikipedia, offline everywhere).
+
+Calibration dtype (``pruning.calibration_dtype``): SparseGPT and Wanda run once per
+``--calibration-dtypes`` entry (block forwards in that dtype; statistics and solves in float32), each
+in its own worker, which measures the float32 and bfloat16 matmul peaks itself right before its
+prune; the table prints prune seconds, both peaks, prune seconds x fp32 peak (GFLOP: comparable
+across machines and loads) and both perplexities, with the change against float32 calibration.
 
 Every method runs in a fresh subprocess (one after another, never two at once), so that memory and
 allocator state do not carry over and ``ru_maxrss`` is that method's own. Right before the prune the
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 from common import (  # first: imports fedspallm (the OpenMP wait policy) before torch
     MB,
+    matmul_peaks,
     current_rss_bytes,
     fp32_peak,
     footer,
@@ -164,25 +172,46 @@ def instrument(meter: Meter, blocksize: int) -> None:
 # Workers (one subprocess each)
 
 
-def load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def pydoc_windows(tokenizer: Any, seqlen: int, count: int) -> torch.Tensor:
+    """The second, non-Wikipedia text: the Python language reference and library topics that ship
+    with the interpreter (``pydoc_data.topics``, what ``help("TOPIC")`` prints), every topic in
+    sorted order joined with blank lines, tokenized as one stream; the first ``count`` windows."""
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    stream = torch.tensor(tokenizer(text).input_ids)
+    count = min(count, stream.numel() // seqlen)
+    return stream[: count * seqlen].reshape(count, seqlen)
+
+
+def load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
     quiet_libraries()
     loaded = load_model(ModelConfig(dtype="float32"))
     plan = plan_calibration("default", loaded.tokenizer, args.nsamples, args.seqlen, 1, "iid", 0.5, args.seed)
-    evaluation = eval_windows("default", loaded.tokenizer, args.eval_seqlen, args.eval_windows)
+    evaluation = {"default": eval_windows("default", loaded.tokenizer, args.eval_seqlen, args.eval_windows),
+                  "pydoc": pydoc_windows(loaded.tokenizer, args.eval_seqlen, args.eval_windows)}
     return loaded.model, plan.all_windows(), evaluation
 
 
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, args: argparse.Namespace) -> tuple[float, float]:
+def perplexity(model: torch.nn.Module, sets: dict[str, torch.Tensor], args: argparse.Namespace
+               ) -> tuple[dict[str, float], float]:
     start = time.perf_counter()
-    value = evaluate_perplexity(None, CausalLMModule(model), windows, args.eval_batch_size, progress=False)
-    return value, time.perf_counter() - start
+    values = {name: evaluate_perplexity(None, CausalLMModule(model), windows, args.eval_batch_size, progress=False)
+              for name, windows in sets.items()}
+    return values, time.perf_counter() - start
+
+
+def best_peak(name: str) -> float:
+    """This process's matmul peak in ``name`` (GFLOP/s, the better layout), at its thread count."""
+    return max(gflops for _, gflops in matmul_peaks(repeats=3, dtypes=(name,))[name].values())
 
 
 def method_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     model, windows, evaluation = load(args)
-    spec = PruneSpec(method, args.sparsity, blocksize=args.blocksize)
+    spec = PruneSpec(method, args.sparsity, blocksize=args.blocksize, calibration_dtype=args.calibration_dtype)
     meter = Meter()
     instrument(meter, spec.blocksize)
+    peaks_before = {name: best_peak(name) for name in ("float32", "bfloat16")}  # this process, right before
     rss_before = current_rss_bytes()
     exact_peak = reset_peak_rss()
     start = time.perf_counter()
@@ -201,6 +230,8 @@ def method_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "result_bytes": sum(r.weight.numel() * r.weight.element_size() + r.mask.numel() * r.mask.element_size()
                             for r in result.pruned.values()),
         "ppl": ppl, "eval_s": eval_s, "seconds": meter.seconds, "flops": meter.flops, "calls": meter.calls,
+        "calibration_dtype": args.calibration_dtype, "sparsity": args.sparsity, "matmul_peaks": peaks_before,
+        "load": load_average(),
     }
 
 
@@ -291,13 +322,13 @@ def report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], peak_runs:
     print()
     print(f"  {'method':<10}{'prune s':>9}{'tokens/s':>10}{'stats s':>9}{'solve s':>9}{'rest s':>8}"
           f"{'RSS0 MB':>9}{'peak MB':>9}{'+MB':>7}{'kept MB':>9}{'ppl':>10}")
-    print(f"  {'dense':<10}{'':>9}{'':>10}{'':>9}{'':>9}{'':>8}{'':>9}{'':>9}{'':>7}{'':>9}{dense['ppl']:>10.2f}")
+    print(f"  {'dense':<10}{'':>9}{'':>10}{'':>9}{'':>9}{'':>8}{'':>9}{'':>9}{'':>7}{'':>9}{dense['ppl']['default']:>10.2f}")
     for method in METHODS:
         r = rows[method]
         stats_s, solve_s = r["seconds"].get("statistics", 0.0), r["seconds"].get("solve", 0.0)
         print(f"  {method:<10}{r['prune_s']:>9.1f}{r['tokens'] / r['prune_s']:>10.1f}{stats_s:>9.1f}{solve_s:>9.1f}"
               f"{r['prune_s'] - stats_s - solve_s:>8.1f}{r['rss_before'] / MB:>9.0f}{r['peak_rss'] / MB:>9.0f}"
-              f"{(r['peak_rss'] - r['rss_before']) / MB:>7.0f}{r['result_bytes'] / MB:>9.0f}{r['ppl']:>10.2f}")
+              f"{(r['peak_rss'] - r['rss_before']) / MB:>7.0f}{r['result_bytes'] / MB:>9.0f}{r['ppl']['default']:>10.2f}")
     exact = all(rows[m]["exact_peak"] for m in METHODS)
     print("  (rest = block forward passes, capture and bookkeeping; peak = RSS high-water mark during the prune"
           + ("" if exact else ", NOT reset here: it includes the model load") + "; +MB = peak - RSS0;")
@@ -347,20 +378,55 @@ def report(args: argparse.Namespace, rows: dict[str, dict[str, Any]], peak_runs:
     print()
     print(f"  {footer(started, load_before)}")
     times = " : ".join(f"{rows[m]['prune_s'] / sgpt['prune_s']:.2f}" for m in METHODS)
-    ppls = " / ".join(f"{rows[m]['ppl'] / dense['ppl']:.2f}" for m in METHODS)
+    ppls = " / ".join(f"{rows[m]['ppl']['default'] / dense['ppl']['default']:.2f}" for m in METHODS)
     print(f"summary: prune time sparsegpt : wanda : magnitude = {times}; ppl / dense = {ppls}; "
           f"naive / shared Hessian time = {naive_ratio:.2f}x; SparseGPT achieved / fp32 peak = {achieved / peak:.2f} "
           f"({achieved:.1f} of {peak:.1f} GFLOP/s)")
 
 
+def report_dtypes(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> None:
+    """Calibration dtypes side by side: prune time, this worker's own peaks, time x peak, perplexities."""
+    dense = rows["dense"]["ppl"]
+    print()
+    print("  calibration dtype (block forwards; statistics and solves in float32); each row its own process, its "
+          "matmul peaks (GFLOP/s) measured in it right before its prune;")
+    print("  s x fp32 peak = prune seconds x fp32 peak (GFLOP): comparable across machines and loads")
+    print(f"    {'method':<10}{'sparsity':>9}{'dtype':>10}{'prune s':>9}{'fp32 pk':>9}{'bf16 pk':>9}{'s x fp32 pk':>12}"
+          f"{'load':>6}{'ppl default':>12}{'ppl pydoc':>11}{'/fp32 def':>10}{'/fp32 py':>9}")
+    print(f"    {'dense':<10}{'':>9}{'':>10}{'':>9}{'':>9}{'':>9}{'':>12}{'':>6}{dense['default']:>12.3f}"
+          f"{dense['pydoc']:>11.3f}")
+    for key, r in rows.items():
+        if key == "dense":
+            continue
+        base = rows.get(f"{r['method']}/float32/{r['sparsity']}", r)["ppl"]
+        peaks = r["matmul_peaks"]
+        print(f"    {r['method']:<10}{r['sparsity']:>9.0%}{r['calibration_dtype']:>10}{r['prune_s']:>9.1f}"
+              f"{peaks['float32']:>9.1f}{peaks['bfloat16']:>9.1f}{r['prune_s'] * peaks['float32']:>12.0f}{r['load']:>6.1f}"
+              f"{r['ppl']['default']:>12.3f}{r['ppl']['pydoc']:>11.3f}{r['ppl']['default'] / base['default'] - 1:>+10.2%}"
+              f"{r['ppl']['pydoc'] / base['pydoc'] - 1:>+9.2%}")
+    at = {k: r for k, r in rows.items() if k != "dense" and r["sparsity"] == args.sparsity}
+    print(f"summary (calibration dtypes, {args.sparsity:.0%}): " + "; ".join(
+        f"{r['method']} {r['calibration_dtype']} {r['prune_s']:.1f} s x {r['matmul_peaks']['float32']:.0f} GFLOP/s = "
+        f"{r['prune_s'] * r['matmul_peaks']['float32']:.0f} GFLOP, ppl {r['ppl']['default']:.3f} / {r['ppl']['pydoc']:.3f}"
+        for r in at.values()))
+    print(f"  (ppl default: {args.eval_windows} x {args.eval_seqlen} windows of the embedded test split; ppl pydoc: "
+          f"the first {args.eval_windows} x {args.eval_seqlen} tokens of the Python reference topics, pydoc_data.topics of "
+          f"Python {sys.version.split()[0]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nsamples", type=int, default=16, help="calibration windows")
-    parser.add_argument("--seqlen", type=int, default=256, help="calibration tokens per window")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=512, help="calibration tokens per window")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="the main table's sparsity")
+    parser.add_argument("--more-sparsities", default="",
+                        help="comma-separated extra sparsities for the calibration-dtype table (e.g. 0.7)")
+    parser.add_argument("--calibration-dtypes", default="float32,bfloat16",
+                        help="calibration dtypes compared (SparseGPT and Wanda; magnitude runs no forward)")
+    parser.add_argument("--calibration-dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
-    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--eval-windows", type=int, default=16, help="windows of each evaluation text")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--hessian-blocks", type=int, default=4, help="blocks timed for the naive Hessian variant")
@@ -379,11 +445,19 @@ def main() -> None:
     argv = [a for a in sys.argv[1:]]
     peak_runs = [peaks()]
     rows = {}
-    for name in ("dense", *METHODS):
-        print(f"[{time.perf_counter() - started:5.0f} s] {name} ...", file=sys.stderr, flush=True)
-        rows[name] = run_worker(name, argv)
+    print(f"[{time.perf_counter() - started:5.0f} s] dense ...", file=sys.stderr, flush=True)
+    rows["dense"] = run_worker("dense", argv)
+    sparsities = [args.sparsity] + [float(v) for v in args.more_sparsities.split(",") if v]
+    for sparsity in sparsities:
+        for method in METHODS:
+            for dtype in (args.calibration_dtypes.split(",") if method != "magnitude" else ["float32"]):
+                key = f"{method}/{dtype}/{sparsity}"
+                print(f"[{time.perf_counter() - started:5.0f} s] {key} ...", file=sys.stderr, flush=True)
+                rows[key] = run_worker(method, argv + ["--sparsity", str(sparsity), "--calibration-dtype", dtype])
     peak_runs.append(peaks())
-    report(args, rows, peak_runs, started, load_before)
+    main_rows = {"dense": rows["dense"]} | {m: rows[f"{m}/float32/{args.sparsity}"] for m in METHODS}
+    report(args, main_rows, peak_runs, started, load_before)
+    report_dtypes(args, {k: v for k, v in rows.items() if not k.startswith("magnitude")})
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fedspallm.dtypes import cast_floats, check_compute_dtype, parameters_in
 from fedspallm.errors import UserError
 from fedspallm.models import (
     ExpertMatrix,
@@ -71,10 +72,13 @@ class PruneSpec:
     m: int = 0
     blocksize: int = 128
     percdamp: float = 0.01
+    calibration_dtype: str | None = None  # the block forwards' dtype by name; None: the model's own
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"pruning.method={self.method!r}: use one of {', '.join(METHODS)}")
+        if self.calibration_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise UserError(f"pruning.calibration_dtype={self.calibration_dtype!r}: use float32 or bfloat16")
 
 
 STATISTIC_KINDS = {"sparsegpt": "hessian", "wanda": "sq_norms"}
@@ -344,6 +348,13 @@ class SequentialCalibration:
         self.offload = offload
         self.through = len(self.blocks) - 1 if through is None else through
         self.stats = stats if stats is not None else SequentialStats()
+        # Block forwards in spec.calibration_dtype: the block's parameters are cast for each pass and
+        # put back (fedspallm.dtypes.parameters_in), the inputs are kept in that dtype; the hooks
+        # accumulate float32 statistics from its activations, the solves and the weights stay as they are.
+        dtype = getattr(torch, spec.calibration_dtype) if spec.calibration_dtype else None
+        self.compute_dtype = None if dtype == next(model.parameters()).dtype else dtype
+        if self.compute_dtype is not None:
+            check_compute_dtype(self.compute_dtype, self.device, "pruning.calibration_dtype")
         self.stats.tokens += int(windows.numel())
         self.position = 0  # the block whose inputs ``hidden`` holds
         self.uncovered: dict[str, str] = {}  # matrices no calibration token reached -> what was done
@@ -372,6 +383,10 @@ class SequentialCalibration:
     def _ready(self, index: int) -> nn.Module:
         if self._inputs is None:
             self._inputs = capture_block_inputs(self.model, self.windows, self.batch_size, self.device, self.through)
+            if self.compute_dtype is not None:
+                memo: dict[int, torch.Tensor] = {}  # a tensor several blocks share is cast once
+                self._inputs = BlockInputs(cast_floats(self._inputs.hidden, self.compute_dtype, memo),
+                                           cast_floats(self._inputs.kwargs, self.compute_dtype, memo))
             self.hidden = self._inputs.hidden
         if index != self.position:
             raise ValueError(f"the inputs are those of block {self.position}, not of block {index}")
@@ -390,8 +405,9 @@ class SequentialCalibration:
         if kind is None:
             raise ValueError(f"{self.spec.method} pruning reads no statistics")
         statistics = BlockStatistics(kind)
-        _collect_statistics(block, self.layers(index), self.hidden, self._inputs.kwargs[index], kind, statistics,
-                            self.stats)
+        with parameters_in(block, self.compute_dtype):
+            _collect_statistics(block, self.layers(index), self.hidden, self._inputs.kwargs[index], kind, statistics,
+                                self.stats)
         return statistics
 
     @torch.no_grad()
@@ -400,8 +416,9 @@ class SequentialCalibration:
         the block's structure: one forward pass over the first batch that accumulates nothing."""
         block = self._ready(index)
         statistics = BlockStatistics("probe")
-        _collect_statistics(block, self.layers(index), self.hidden[:1], self._inputs.kwargs[index][:1], None,
-                            statistics, self.stats)
+        with parameters_in(block, self.compute_dtype):
+            _collect_statistics(block, self.layers(index), self.hidden[:1], self._inputs.kwargs[index][:1], None,
+                                statistics, self.stats)
         return statistics.readers
 
     @torch.no_grad()
@@ -477,7 +494,8 @@ class SequentialCalibration:
         on the inputs of block ``index + 1``. With offload the block goes back to the CPU."""
         block = self._ready(index)
         kwargs = self._inputs.kwargs[index]
-        self.hidden = [_first_output(block(h, **kw)) for h, kw in zip(self.hidden, kwargs)]
+        with parameters_in(block, self.compute_dtype):
+            self.hidden = [_first_output(block(h, **kw)) for h, kw in zip(self.hidden, kwargs)]
         self.stats.forward_passes += len(self.hidden)
         self.position = index + 1
         if self.offload:

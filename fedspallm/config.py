@@ -128,6 +128,9 @@ class PruningConfig:
             "model.layers.3.mlp.experts.down_proj[5]" and also answers to the name without "[e]".
             MoE routers are never pruned. A pattern that matches nothing is an error.
         ignore: module-name patterns (same syntax) of matrices to leave dense.
+        calibration_dtype: the dtype of the calibration forward passes: float32, bfloat16 (float16
+            on CUDA only), or null: the model's own dtype. Statistics are accumulated in float32 from
+            those activations, the solves run in float32 and the weights stay in the model's dtype.
     """
 
     method: Literal["sparsegpt", "wanda", "magnitude"] = "sparsegpt"
@@ -138,6 +141,7 @@ class PruningConfig:
     offload: bool = False
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
+    calibration_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
 
     def __post_init__(self) -> None:
         if self.pattern != "unstructured":

@@ -51,16 +51,22 @@ def parameters_in(module: nn.Module, dtype: torch.dtype | None) -> Iterator[None
             param.data = data
 
 
-def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+def cast_floats(value: Any, dtype: torch.dtype, memo: dict[int, torch.Tensor] | None = None) -> Any:
     """``value`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``:
     the hidden states and keyword arguments (rotary cos/sin, additive masks) a block receives, as the
-    model would produce them if it were in ``dtype``."""
+    model would produce them if it were in ``dtype``. ``memo`` (id -> cast) casts a tensor that
+    appears several times once, so that the copies stay shared as the originals were."""
+    memo = {} if memo is None else memo
     if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
+        if not value.is_floating_point():
+            return value
+        if id(value) not in memo:
+            memo[id(value)] = value.to(dtype)
+        return memo[id(value)]
     if isinstance(value, tuple):
-        return tuple(cast_floats(v, dtype) for v in value)
+        return tuple(cast_floats(v, dtype, memo) for v in value)
     if isinstance(value, list):
-        return [cast_floats(v, dtype) for v in value]
+        return [cast_floats(v, dtype, memo) for v in value]
     if isinstance(value, dict):
-        return {k: cast_floats(v, dtype) for k, v in value.items()}
+        return {k: cast_floats(v, dtype, memo) for k, v in value.items()}
     return value

@@ -105,7 +105,8 @@ def prune(
     calibration = plan_calibration(data.calibration, tokenizer, data.nsamples, data.seqlen, federation.num_clients,
                                    data.partition, data.alpha, seed, checks.corpora)
     n, m = pruning.n_m
-    spec = PruneSpec(pruning.method, pruning.target_sparsity, n, m, pruning.blocksize, pruning.percdamp)
+    spec = PruneSpec(pruning.method, pruning.target_sparsity, n, m, pruning.blocksize, pruning.percdamp,
+                     calibration_dtype=pruning.calibration_dtype)
     num_blocks = len(find_decoder_blocks(net))
     dense_zeros = dense_zero_count(net)
     load_s = time.perf_counter() - started
