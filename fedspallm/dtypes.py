@@ -23,11 +23,21 @@ def check_compute_dtype(dtype: torch.dtype, device: torch.device, what: str) -> 
     CUDA GPU without bfloat16 support."""
     name = str(dtype).removeprefix("torch.")
     if dtype == torch.float16 and device.type == "cpu":
-        raise UserError(f"{what}=float16: CPUs compute float16 matmuls slowly and without float32 accumulation "
-                        "here; use bfloat16 or float32")
+        raise UserError(f"{what}=float16: CPUs are offered bfloat16 or float32 only (float16 is for CUDA)")
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"{what}={name}: this GPU ({torch.cuda.get_device_name(device)}) does not support "
                         "bfloat16; use float32")
+
+
+def check_run_dtypes(calibration_dtype: str | None, eval_dtype: str | None, accelerator: str) -> None:
+    """Before launch: :func:`check_compute_dtype` for ``pruning.calibration_dtype`` and ``eval.dtype`` on the
+    device the run will compute on (runtime.accelerator, or the launcher's)."""
+    from fedspallm.placement import compute_device_type
+
+    device = torch.device(compute_device_type(accelerator))
+    for key, value in (("pruning.calibration_dtype", calibration_dtype), ("eval.dtype", eval_dtype)):
+        if value is not None:
+            check_compute_dtype(getattr(torch, value), device, key)
 
 
 @contextmanager

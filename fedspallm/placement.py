@@ -52,15 +52,27 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
 
 
+def run_accelerator(accelerator: str) -> str:
+    """runtime.accelerator, or ``fabric run --accelerator X``'s, which arrives through the environment."""
+    from lightning.fabric.connector import _is_using_cli
+
+    return os.environ.get("LT_ACCELERATOR", accelerator) if _is_using_cli() else accelerator
+
+
+def compute_device_type(accelerator: str) -> str:
+    """The device type the run's processes will compute on: cpu, cuda or mps."""
+    accelerator = run_accelerator(accelerator)
+    if accelerator == "cpu" or not accelerator_available():
+        return "cpu"
+    return "cuda" if accelerator != "mps" and torch.cuda.is_available() else "mps"
+
+
 def check_offload(offload: bool, accelerator: str) -> None:
     """``pruning.offload true`` moves blocks from the host to an accelerator: refuse a run that has none."""
     if not offload:
         return
-    from lightning.fabric.connector import _is_using_cli
-
-    if _is_using_cli():  # ``fabric run --accelerator X`` arrives through the environment
-        accelerator = os.environ.get("LT_ACCELERATOR", accelerator)
-    if accelerator == "cpu" or not accelerator_available():
+    accelerator = run_accelerator(accelerator)
+    if compute_device_type(accelerator) == "cpu":
         reason = "runtime.accelerator=cpu" if accelerator == "cpu" else "no CUDA or MPS device is available"
         raise UserError(f"pruning.offload=true keeps the model on the CPU and moves one block at a time to an "
                         f"accelerator, but this run has none ({reason}); set pruning.offload false")

@@ -46,6 +46,7 @@ from fedspallm.config import (
     check_prune,
 )
 from fedspallm.data import Corpora
+from fedspallm.dtypes import check_run_dtypes
 from fedspallm.errors import UserError
 from fedspallm.placement import check_offload
 
@@ -72,6 +73,7 @@ def preflight(seed: int, model: ModelConfig, data: DataConfig, eval: EvalConfig,
     try:
         validate_config(model, data, eval, pruning, federation, output, runtime)
         check_offload(pruning.offload, runtime.accelerator)
+        check_run_dtypes(pruning.calibration_dtype, eval.dtype, runtime.accelerator)
         local_dir, gguf = check_model_files(model)
         skeleton = model_skeleton(model, local_dir, gguf)
         plan = None

@@ -211,6 +211,7 @@ def test_help_shows_documented_keys(capsys):
     ("--pruning.method", "obs", "obs"),
     ("--federation.strategy", "nope", "nope"),
     ("--eval.dtype", "float16", "float16"),
+    ("--pruning.calibration_dtype", "float16", "pruning.calibration_dtype=float16: CPUs"),  # before launch
 ])
 def test_bad_value_exits_2_with_one_error_line(tiny_model_dir, tmp_path, flag, value, mentions):
     out = tmp_path / "logs"
