@@ -174,7 +174,8 @@ def prune(
     sparsity = extra.pop("sparsity", None) or sparsity_report(net, spec.sparsity)
     results: dict[str, Any] = {
         "strategy": federation.strategy,
-        "pruning": {"method": pruning.method, "sparsity": spec.sparsity, "pattern": pruning.pattern},
+        "pruning": {"method": pruning.method, "sparsity": spec.sparsity, "pattern": pruning.pattern,
+                    "calibration_dtype": pruning.calibration_dtype or model.dtype},  # the forwards' dtype used
         "num_clients": federation.num_clients,
         "rounds": federation.rounds,
         "seed": seed,

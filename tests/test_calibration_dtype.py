@@ -63,3 +63,35 @@ def test_float16_calibration_on_the_cpu_is_one_clear_line():
         prune_sequential(make_tiny_model("llama"), random_windows(2, 8), PruneSpec("wanda", 0.5, calibration_dtype="float16"))
     with pytest.raises(UserError, match="pruning.calibration_dtype='int8'"):
         PruneSpec("wanda", 0.5, calibration_dtype="int8")
+
+
+def _run_strategy(strategy: str, model, windows: dict[int, torch.Tensor], spec: PruneSpec, **federation):
+    from fedspallm.config import FederationConfig
+    from fedspallm.federated.collectives import PlainReducer
+    from fedspallm.federated.driver import run_steps
+    from fedspallm.federated.rounds import ClientWindows
+    from fedspallm.federated.strategies import RunContext, get_strategy
+
+    cfg = FederationConfig(strategy=strategy, num_clients=len(windows), **federation)
+    run_steps(get_strategy(strategy)(RunContext(model, spec, cfg, ClientWindows(windows), batch_size=2)), PlainReducer())
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("strategy,federation", [("centralized", {}), ("fedstats", {"sampling": "all"}),
+                                                 ("fedspallm", {"sampling": "all"})])
+def test_every_strategy_calibrates_in_the_spec_dtype(strategy, federation):
+    """The strategies all walk the one engine (SequentialCalibration), so the spec's dtype reaches each:
+    bf16 forwards change the pruned float32 weights, and one fedstats client stays centralized bit for bit."""
+    every = random_windows(6, 16)
+    windows = {0: every[:3], 1: every[3:]}
+    bf16 = _run_strategy(strategy, make_tiny_model("llama"), windows, PruneSpec("sparsegpt", 0.5, calibration_dtype="bfloat16"),
+                         **federation)
+    fp32 = _run_strategy(strategy, make_tiny_model("llama"), windows, PruneSpec("sparsegpt", 0.5), **federation)
+    assert all(v.dtype == fp32[k].dtype for k, v in bf16.items())
+    assert any(not torch.equal(v, fp32[k]) for k, v in bf16.items())
+    if strategy == "fedstats":
+        one = {0: every}
+        spec = PruneSpec("sparsegpt", 0.5, calibration_dtype="bfloat16")
+        mine = _run_strategy("fedstats", make_tiny_model("llama"), one, spec, sampling="all")
+        central = _run_strategy("centralized", make_tiny_model("llama"), one, spec)
+        assert all(torch.equal(mine[k], central[k]) for k in central)

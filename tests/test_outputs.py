@@ -88,7 +88,8 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 def test_results_json_has_every_design_key(run_dir, results, tiny_model_dir):
     assert results["strategy"] == "fedspallm"
-    assert results["pruning"] == {"method": "sparsegpt", "sparsity": SPARSITY, "pattern": "unstructured"}
+    assert results["pruning"] == {"method": "sparsegpt", "sparsity": SPARSITY, "pattern": "unstructured",
+                                  "calibration_dtype": "float32"}  # pruning.calibration_dtype null: the model's
     assert results["num_clients"] == NUM_CLIENTS and results["rounds"] == 1 and results["seed"] == 0
     assert set(results["perplexity"]) == {"default"}
     assert results["eval"]["dtype"] == "float32"  # the model's own dtype (eval.dtype null)
