@@ -9,6 +9,7 @@ import torch
 from conftest import make_tiny_model, random_windows
 from fedspallm.calibration import PruneSpec, SequentialCalibration, prune_sequential
 from fedspallm.errors import UserError
+from test_moe import make_moe
 
 
 def bf16_parameters(model):
@@ -17,16 +18,21 @@ def bf16_parameters(model):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # block 0 reads one embedding (OPT adds two: in float32, then cast)
+def build(family: str):
+    return make_moe(family) if family == "mixtral" else make_tiny_model(family)
+
+
+# block 0 reads one embedding (OPT adds two: in float32, then cast); mixtral: every expert's routed tokens
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 def test_bf16_statistics_are_those_of_a_bf16_forward_accumulated_in_fp32(family, method):
-    model = make_tiny_model(family)
+    model = build(family)
     windows = random_windows(4, 16)
     before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
     walk = SequentialCalibration(model, windows, PruneSpec(method, calibration_dtype="bfloat16"), batch_size=2)
     got = walk.collect(0).sums()
     # the same block computed by a model whose parameters are bfloat16 (buffers kept), from its own inputs
-    reference = SequentialCalibration(bf16_parameters(make_tiny_model(family)), windows, PruneSpec(method), batch_size=2)
+    reference = SequentialCalibration(bf16_parameters(build(family)), windows, PruneSpec(method), batch_size=2)
     expected = reference.collect(0).sums()
     assert got.keys() == expected.keys()
     for key in got:
