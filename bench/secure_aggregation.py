@@ -36,7 +36,8 @@ import torch.multiprocessing as mp
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedspallm.federated.secure_aggregation import CHUNK, SecureReducer, _keystream, written_bytes
+from fedspallm.federated.collectives import written_bytes
+from fedspallm.federated.secure_aggregation import CHUNK, SecureReducer, _keystream
 
 HIDDEN, INTERMEDIATE, KV = 576, 1536, 192  # SmolLM2-135M: q, k, v, o, gate, up, down per block
 SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN),

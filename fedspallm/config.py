@@ -217,6 +217,14 @@ class FederationConfig:
             fail_round, after pruning its first block. null (the default) injects nothing.
         fail_round: the round (1-based) in which fail_client fails.
         fail_mode: exit (the process dies at once, as in a crash) or hang (it stops making progress).
+        secure_aggregation: sum every client-derived tensor across processes under pairwise-masked
+            secure aggregation (X25519 keys, HKDF-SHA256, AES-CTR masks, fixed point with public
+            bounds): a process sees no other process's updates or statistics, only their sums. Needs
+            3 or more processes. See the README, "Secure aggregation", for the threat model.
+        secure_bounds: public bounds per kind of sum, overriding the defaults, e.g.
+            {weight_sum: 8192}: kinds weight_sum, keep_count, contributors, votes, hessian, sq_norms,
+            fit_weights. A value beyond its bound stops the run with one line (it is never clipped);
+            a bound that could overflow for the process count is refused before the first round.
     """
 
     strategy: str = "fedspallm"
@@ -238,9 +246,18 @@ class FederationConfig:
     fail_client: Optional[int] = None
     fail_round: int = 1
     fail_mode: Literal["exit", "hang"] = "exit"
+    secure_aggregation: bool = False
+    secure_bounds: Optional[dict[str, float]] = None
 
     def __post_init__(self) -> None:
+        from fedspallm.federated.secure_aggregation import encodings
         from fedspallm.federated.strategies import STRATEGIES
+
+        try:
+            encodings(self.secure_bounds)
+        except UserError as err:
+            err.same_on_every_rank = True  # type: ignore[attr-defined]
+            raise
 
         if self.strategy not in STRATEGIES:
             err = UserError(f"federation.strategy={self.strategy!r}: unknown strategy; registered: "
@@ -448,6 +465,9 @@ class FitConfig:
         partition: how training windows are split across clients: iid (an even split of the
             shuffled windows), topic or dirichlet (as for calibration, see data.partition).
         alpha: Dirichlet concentration for partition=dirichlet.
+        secure_aggregation: federated mode: sum the clients' weighted weights (and losses) across
+            processes under secure aggregation, as federation.secure_aggregation does for prune
+            (kind fit_weights; 3 or more processes).
     """
 
     dataset: str = "default"
@@ -473,6 +493,7 @@ class FitConfig:
     local_steps: int = 20
     partition: Partition = "iid"
     alpha: float = 0.5
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         from fedspallm.lit import parse_trainable

@@ -40,7 +40,7 @@ from fedspallm.config import EvalConfig, FitConfig, ModelConfig, OutputConfig, R
 from fedspallm.data import Corpora, even_split, eval_windows, plan_calibration, token_stream
 from fedspallm.errors import UserError
 from fedspallm.federated.aggregation import WeightedSum, weighted_average
-from fedspallm.federated.collectives import PlainReducer, Reducer
+from fedspallm.federated.collectives import Reducer, collective_report, make_reducer
 from fedspallm.federated.rounds import check_processes, clients_of_rank
 from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor
 from fedspallm.environment import describe_environment
@@ -303,7 +303,8 @@ def finetune(
     train_started = time.perf_counter()
     if fit.federated:
         outcome = _fit_federated(fabric, module, fit, runtime, windows, val_windows, val_before, eval.batch_size,
-                                 tokenizer, reporter, PlainReducer(fabric), seed, corpora)
+                                 tokenizer, reporter,
+                                 make_reducer(fabric, secure=fit.secure_aggregation, seed=seed), seed, corpora)
     else:
         outcome = _fit_local(module, fit, runtime, windows, val_windows, val_before, eval.batch_size, reporter,
                              output.dir, seed)
@@ -505,6 +506,8 @@ def _fit_federated(fabric: Fabric, module: CausalLMModule, cfg: FitConfig, runti
                 advance(r, cfg.rounds)
     extra = {"federated": {"num_clients": cfg.num_clients, "rounds": cfg.rounds, "local_steps": cfg.local_steps,
                            "partition": cfg.partition, "client_windows": sizes, "train_loss_per_round": round_loss,
-                           "bytes_per_client_per_round": sum(p.numel() * p.element_size() for p in params.values())}}
+                           "bytes_per_client_per_round": sum(p.numel() * p.element_size() for p in params.values()),
+                           "secure_aggregation": cfg.secure_aggregation,
+                           "collectives": collective_report(reducer, fabric.global_rank)}}
     return {"steps": cfg.rounds * cfg.local_steps, "val_history": history, "best_state": best_state, "extra": extra}
 

@@ -25,7 +25,7 @@ from fedspallm.config import (
     RuntimeConfig,
 )
 from fedspallm.data import eval_windows, plan_calibration
-from fedspallm.federated.collectives import PlainReducer
+from fedspallm.federated.collectives import collective_report, make_reducer
 from fedspallm.federated.driver import Step, StepLog, run_steps
 from fedspallm.federated.faults import FaultInjection, RoundWatch
 from fedspallm.federated.rounds import check_processes
@@ -93,7 +93,8 @@ def prune(
         check_processes(fabric.world_size, federation.num_clients)
     torch.manual_seed(seed)
     reporter = RunReporter(fabric, output.dir, runtime.progress)
-    reducer = PlainReducer(fabric)  # the run's one reducer: every cross-process sum goes through it
+    # The run's one reducer: every cross-process sum goes through it (plain, or secure aggregation).
+    reducer = make_reducer(fabric, secure=federation.secure_aggregation, seed=seed, bounds=federation.secure_bounds)
 
     loaded = load_model(model)
     net, tokenizer = loaded.model, loaded.tokenizer
@@ -198,6 +199,8 @@ def prune(
         "peak_rss_bytes": peak_rss_bytes(),
         **extra,
     }
+    results["secure_aggregation"] = federation.secure_aggregation
+    results["collectives"] = collective_report(reducer, fabric.global_rank)
     if fabric.world_size > 1:
         peaks = torch.zeros(fabric.world_size, dtype=torch.int64)
         peaks[fabric.global_rank] = results["peak_rss_bytes"]

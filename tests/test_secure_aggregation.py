@@ -28,7 +28,11 @@ from fedspallm.federated.secure_aggregation import (
     fixed_point_sum,
     modulus_bits,
 )
-from test_distributed import free_port
+import subprocess
+import sys
+
+from test_distributed import FABRIC, MAIN, REPO, free_port, results, run, tiny_args
+from test_finetune import corpus, pruned_dir  # noqa: F401  (fixtures)
 
 NUM_CLIENTS = 12  # spread over 3 or 4 processes: 4 or 3 clients each
 SHAPE = (512, 512)  # 2^18 words per rank for the statistical checks
@@ -76,10 +80,13 @@ class CapturingReducer:
 def run_party(rank: int, world: int) -> dict:
     weight_sum, keep_count = party_inputs(rank, world)
     runs = []
-    for _ in range(2):  # two runs: fresh keys and nonce each
+    for run in range(2):  # two runs: fresh keys and nonce each; the second in 1 MiB buckets, the matrix in halves
         inner = CapturingReducer(world)
-        reducer = SecureReducer(inner, rank, seed=0)
-        weights = reducer.sum({"layers.0.w": weight_sum}, kind="weight_sum", tag="round 0")
+        reducer = SecureReducer(inner, rank, seed=0, bucket_bytes=64 << 20 if run == 0 else 1 << 20)
+        halves = {"layers.0.w": weight_sum} if run == 0 else {"top": weight_sum[:256], "bottom": weight_sum[256:]}
+        weights = reducer.sum(halves, kind="weight_sum", tag="round 0")
+        if run == 1:
+            weights = {"layers.0.w": torch.cat([weights["top"], weights["bottom"]])}
         counts = reducer.sum({"layers.0.w": keep_count, "contributors": torch.tensor([3 + rank])},
                              kind="keep_count", tag="round 0")
         stats = reducer.stats()
@@ -201,11 +208,13 @@ def test_two_runs_use_different_masks_and_give_identical_results(worlds):
     for parties in worlds.values():
         for party in parties:
             first, second = masked_payloads(party, 0), masked_payloads(party, 1)
-            for a, b in zip(first, second):
-                assert (a == b).double().mean() < 1e-3  # equal words only by chance (2^-61 each; zeros of the flag)
+            assert [t.numel() for t in second] == [2**17 + 1, 2**17, 2**18 + 1, 1]  # two buckets per call
+            for a, b in ((first[0], torch.cat(second[:2])), (first[1], torch.cat(second[2:]))):
+                assert a.shape == b.shape
+                assert (a == b).double().mean() < 1e-3  # equal words only by chance (2^-61 each)
             assert torch.equal(party["runs"][0]["weights"]["layers.0.w"], party["runs"][1]["weights"]["layers.0.w"])
             stats = party["runs"][0]["stats"]
-            assert stats["encoded_bytes"] == 8 * (SHAPE[0] * SHAPE[1] + 1) + 4 * (SHAPE[0] * SHAPE[1] + 1 + 1)  # int32 counts
+            assert stats["handed_bytes"] == 8 * (SHAPE[0] * SHAPE[1] + 1) + 4 * (SHAPE[0] * SHAPE[1] + 1 + 1)  # int32 counts
             assert stats["plain_bytes"] == 8 * SHAPE[0] * SHAPE[1] + 4 * SHAPE[0] * SHAPE[1] + 8
 
 
@@ -276,3 +285,54 @@ def test_bound_overrides_parse():
         encodings({"weights": 1.0})
     with pytest.raises(UserError, match="needs a finite bound > 0"):
         Encoding(-1.0, 3).check("votes", 3)
+
+
+def test_the_switch_gives_the_plain_run_s_model_and_records_its_bytes(tiny_model_dir, tmp_path):
+    """federation.secure_aggregation on the tiny model with 3 processes: the same prune as the plain run."""
+    plain, secure = tmp_path / "plain", tmp_path / "secure"
+    run([FABRIC, "run", "--devices", "3", MAIN, *tiny_args(tiny_model_dir, plain)], timeout=900)
+    run([FABRIC, "run", "--devices", "3", MAIN, *tiny_args(tiny_model_dir, secure, "--federation.secure_aggregation",
+                                                          "true")], timeout=900)
+    a, b = results(plain), results(secure)
+    assert (a["secure_aggregation"], b["secure_aggregation"]) == (False, True)
+    assert b["perplexity"]["default"] == pytest.approx(a["perplexity"]["default"], rel=1e-6)
+    assert b["sparsity"] == a["sparsity"]
+    plain_c, secure_c = a["collectives"], b["collectives"]
+    assert secure_c["plain_bytes"] == plain_c["handed_bytes"] > 0
+    # int64 words for the float64 weight sums, int32 for the int32 keep counts and the int64 contributor counts.
+    assert 0 < plain_c["handed_bytes"] - secure_c["handed_bytes"] < 4 * 64
+    assert len(secure_c["wire_bytes_per_process"]) == 3 and min(secure_c["wire_bytes_per_process"]) > secure_c["handed_bytes"]
+
+
+def test_the_switch_with_two_processes_is_one_line(tiny_model_dir, tmp_path):
+    command = [sys.executable, MAIN, *tiny_args(tiny_model_dir, tmp_path / "two", "--runtime.devices", "2",
+                                                "--federation.secure_aggregation", "true")]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: secure aggregation needs at least 3 processes, got 2: with 2 each learns the other's "
+                     "input from the sum; launch 3 or more (fabric run --devices 3) or set "
+                     "federation.secure_aggregation false"]
+
+
+def test_federated_fit_under_secure_aggregation(pruned_dir, corpus, tmp_path):
+    """fit.secure_aggregation with 3 processes: the FedAvg sums go masked, and the run fine-tunes as the plain one."""
+    from test_finetune import fit_args
+
+    fed = ["--fit.federated", "true", "--fit.num_clients", "3", "--fit.rounds", "2", "--fit.local_steps", "2",
+           "--fit.seqlen", "32"]
+    plain, secure = tmp_path / "plain", tmp_path / "secure"
+    run([FABRIC, "run", "--accelerator", "cpu", "--devices", "3", MAIN, *fit_args(pruned_dir, corpus, plain, *fed)],
+        timeout=600)
+    run([FABRIC, "run", "--accelerator", "cpu", "--devices", "3", MAIN,
+         *fit_args(pruned_dir, corpus, secure, *fed, "--fit.secure_aggregation", "true")], timeout=600)
+    a, b = results(plain), results(secure)
+    assert (a["federated"]["secure_aggregation"], b["federated"]["secure_aggregation"]) == (False, True)
+    assert b["masks_preserved"] is True
+    digests = b["weights_sha256_per_rank"]
+    assert len(digests) == 3 and len(set(digests)) == 1  # every rank decodes the same weights
+    assert [row[0] for row in b["val"]["history"]] == [row[0] for row in a["val"]["history"]]
+    for (_, ppl_plain), (_, ppl_secure) in zip(a["val"]["history"], b["val"]["history"]):
+        assert ppl_secure == pytest.approx(ppl_plain, rel=1e-4)
+    assert b["federated"]["collectives"]["plain_bytes"] == a["federated"]["collectives"]["handed_bytes"] > 0

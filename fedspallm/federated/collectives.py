@@ -40,6 +40,19 @@ class Reducer(Protocol):
         ...
 
 
+def written_bytes() -> int | None:
+    """Bytes this process has written so far through write-family system calls, sockets included
+    (``wchar`` of /proc/self/io, all threads); None where the file does not exist (not Linux)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown reduce kind {kind!r}; one of {', '.join(KINDS)}")
@@ -79,12 +92,20 @@ class PlainReducer:
         self.bucket_bytes = bucket_bytes
         self.calls = 0
         self.seconds = 0.0
+        self.handed_bytes = 0  # client-derived sums handed to the collective (kind metadata apart)
+        self.metadata_bytes = 0
+        self.wire_bytes = 0  # what this process wrote to its sockets during the collectives
 
     def sum(self, tensors: Mapping[str, torch.Tensor], *, kind: str, tag: str) -> dict[str, torch.Tensor]:
         check_kind(kind)
         if self.world_size == 1:
             return dict(tensors)  # the sum over one party: the inputs themselves
-        started = time.perf_counter()
+        started, written = time.perf_counter(), written_bytes()
+        handed = sum(t.numel() * t.element_size() for t in tensors.values())
+        if kind == "metadata":
+            self.metadata_bytes += handed
+        else:
+            self.handed_bytes += handed
         device = collective_device()  # CUDA for NCCL, the host for gloo (fedspallm.placement)
         out: dict[str, torch.Tensor] = {}
         for names in buckets(tensors, self.bucket_bytes):
@@ -97,7 +118,42 @@ class PlainReducer:
                 out[name] = flat[offset:offset + source.numel()].reshape(source.shape).to(source.device)
                 offset += source.numel()
         self.seconds += time.perf_counter() - started
+        if written is not None:
+            self.wire_bytes += written_bytes() - written
         return {name: out[name] for name in tensors}
+
+    def stats(self) -> dict[str, Any]:
+        """What results.json records about this process's collectives."""
+        return {"secure_aggregation": False, "calls": self.calls, "collective_seconds": self.seconds,
+                "handed_bytes": self.handed_bytes, "metadata_bytes": self.metadata_bytes,
+                "wire_bytes": self.wire_bytes}
+
+
+def collective_report(reducer: Any, rank: int) -> dict[str, Any]:
+    """The reducer's figures for results.json, with every process's bytes on the wire (one metadata sum,
+    not counted in the figures themselves): ``handed_bytes`` are the client-derived sums this process
+    handed to the collectives (with secure aggregation, masked words; ``plain_bytes`` what the plain
+    path would have handed), ``wire_bytes_per_process`` what each process wrote to its sockets."""
+    stats = dict(reducer.stats())
+    wire = torch.zeros(reducer.world_size, dtype=torch.int64)
+    wire[rank] = int(stats.pop("wire_bytes"))
+    if reducer.world_size > 1:
+        wire = reducer.sum({"wire_bytes": wire}, kind="metadata", tag="end")["wire_bytes"]
+    stats["wire_bytes_per_process"] = wire.tolist()
+    return stats
+
+
+def make_reducer(fabric: Any, *, secure: bool = False, seed: int = 0,
+                 bounds: Mapping[str, float] | None = None) -> Reducer:
+    """The run's one reducer: plain, or secure aggregation over a plain one (``secure_aggregation``).
+
+    Every driver (prune, fit) builds its reducer here and nowhere else."""
+    plain = PlainReducer(fabric)
+    if not secure:
+        return plain
+    from fedspallm.federated.secure_aggregation import SecureReducer, encodings
+
+    return SecureReducer(plain, 0 if fabric is None else fabric.global_rank, seed=seed, bounds=encodings(bounds))
 
 
 def broadcast_from_rank_zero(fabric: Any, tensors: Mapping[str, torch.Tensor]) -> None:

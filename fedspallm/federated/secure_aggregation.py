@@ -74,6 +74,7 @@ from cryptography.hazmat.primitives.serialization import Encoding as KeyEncoding
 from cryptography.hazmat.primitives.serialization import PublicFormat
 
 from fedspallm.errors import UserError
+from fedspallm.federated.collectives import written_bytes
 
 MIN_PARTIES = 3
 LABEL = b"fedspallm/secure-aggregation/v1"
@@ -150,15 +151,16 @@ def encodings(overrides: Mapping[str, float | Mapping[str, float]] | None = None
     table = dict(DEFAULT_ENCODINGS)
     for kind, value in (overrides or {}).items():
         if kind not in table:
-            raise UserError(f"secure aggregation: unknown kind {kind!r} in the bounds; known: {', '.join(table)}")
+            raise UserError(f"federation.secure_bounds: unknown kind {kind!r}; known: {', '.join(table)}")
         if isinstance(value, Mapping):
             unknown = set(value) - {"bound", "frac_bits"}
             if unknown:
-                raise UserError(f"secure aggregation: kind {kind!r} takes bound and frac_bits, not {sorted(unknown)}")
+                raise UserError(f"federation.secure_bounds: kind {kind!r} takes bound and frac_bits, not {sorted(unknown)}")
             table[kind] = Encoding(float(value.get("bound", table[kind].bound)),
                                    int(value.get("frac_bits", table[kind].frac_bits)))
         else:
             table[kind] = Encoding(float(value), table[kind].frac_bits)
+        table[kind].check(kind, MIN_PARTIES)
     return table
 
 
@@ -241,22 +243,26 @@ class InnerReducer(Protocol):
     def sum(self, tensors: Mapping[str, torch.Tensor], *, kind: str, tag: str) -> dict[str, torch.Tensor]: ...
 
 
-def written_bytes() -> int | None:
-    """Bytes this process has written so far through write-family system calls, sockets included
-    (``wchar`` of /proc/self/io, all threads); None where the file does not exist (not Linux)."""
-    try:
-        with open("/proc/self/io", "rb") as f:
-            for line in f:
-                if line.startswith(b"wchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _fields(*parts: bytes) -> bytes:
     """An unambiguous concatenation: every field prefixed by its length."""
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def _buckets(names: list[str], flat: Mapping[str, torch.Tensor], max_words: int):
+    """(is first bucket, [(position, name), ...]) in order, each bucket at most ``max_words`` words
+    (a larger tensor is a bucket of its own); an empty call is one empty bucket, for its flag."""
+    group: list[tuple[int, str]] = []
+    words = 0
+    first = True
+    for index, name in enumerate(names):
+        size = flat[name].numel()
+        if group and words + size > max_words:
+            yield first, group
+            first, group, words = False, [], 0
+        group.append((index, name))
+        words += size
+    if group or first:
+        yield first, group
 
 
 def _keystream(key: bytes):
@@ -272,6 +278,7 @@ class SecureReducer:
         rank: this process's party index, 0 <= rank < inner.world_size.
         seed: the config seed, bound into the run id.
         bounds: ``{kind: Encoding}``, by default :data:`DEFAULT_ENCODINGS`.
+        bucket_bytes: the most words handed to the collective at once.
 
     Attributes for results.json: ``plain_bytes`` (what the same calls would hand a plain reducer),
     ``encoded_bytes`` (the words handed to the collective), ``wire_bytes`` (what this process wrote
@@ -280,8 +287,17 @@ class SecureReducer:
     """
 
     def __init__(self, inner: InnerReducer, rank: int, *, seed: int = 0,
-                 bounds: Mapping[str, Encoding] | None = None) -> None:
+                 bounds: Mapping[str, Encoding] | None = None, bucket_bytes: int = 64 << 20) -> None:
+        try:
+            self._setup(inner, rank, seed, bounds, bucket_bytes)
+        except UserError as err:  # the same checks on the same public numbers: every rank says the same
+            err.same_on_every_rank = True  # type: ignore[attr-defined]
+            raise
+
+    def _setup(self, inner: InnerReducer, rank: int, seed: int, bounds: Mapping[str, Encoding] | None,
+               bucket_bytes: int) -> None:
         self.inner = inner
+        self.bucket_bytes = bucket_bytes
         self.world_size = inner.world_size
         self.rank = rank
         if self.world_size < MIN_PARTIES:
@@ -356,7 +372,11 @@ class SecureReducer:
 
     # -- the Reducer protocol ---------------------------------------------------------------------
     def sum(self, tensors: Mapping[str, torch.Tensor], *, kind: str, tag: str) -> dict[str, torch.Tensor]:
-        """Element-wise sum over all parties; see the module docstring for what crosses the wire."""
+        """Element-wise sum over all parties; see the module docstring for what crosses the wire.
+
+        The words go to the collective in buckets of at most ``bucket_bytes`` (so a round's sums never
+        need a second full-size copy); the bound-violation flag rides in the first bucket, so every
+        rank stops before any further sum is revealed."""
         self.calls += 1
         if kind in PLAIN_KINDS:
             self.metadata_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -366,54 +386,58 @@ class SecureReducer:
                              f"{', '.join([*self.encodings, *PLAIN_KINDS])}")
         encoding = self.encodings[kind]
         started = time.perf_counter()
+        collective_s = 0.0
         dtype = encoding.words(self.world_size)
         k = modulus_bits(self.world_size, torch.iinfo(dtype).bits)
-        names = list(tensors)
-        flat = {name: tensors[name].detach().reshape(-1).cpu() for name in names}
-        offsets = np.cumsum([0, *(flat[name].numel() for name in names)]).tolist()
-        payload = torch.zeros(offsets[-1] + 1, dtype=dtype)  # the last word is the bound-violation flag
+        flat = {name: t.detach().reshape(-1).cpu() for name, t in tensors.items()}
         violation = None
-        for name in names:
-            violation = violation or bound_violation(name, kind, tag, flat[name], encoding)
-        if violation is None:
-            for index, name in enumerate(names):
-                self._mask(payload[offsets[index]:offsets[index + 1]], self._streams(index, name, kind, tag), k,
-                           flat[name], encoding)
-        else:  # fresh random words that cancel with nothing: the sum reveals nothing of anyone
-            self._mask(payload[:-1], [(True, _keystream(os.urandom(KEY_BYTES)))], k)
-        payload[-1] = int(violation is not None)
-        self._mask(payload[-1:], self._streams(len(names), "bound violation flag", kind, tag), k)
-        self.plain_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        self.encoded_bytes += payload.numel() * payload.element_size()
-        collective_started, written = time.perf_counter(), written_bytes()
-        summed = self.inner.sum({"secure_aggregation/masked": payload}, kind=kind,
-                                tag=tag)["secure_aggregation/masked"].cpu()
-        collective_s = time.perf_counter() - collective_started
-        self.collective_seconds += collective_s
-        if written is not None:
-            self.wire_bytes += written_bytes() - written
-        if summed.data_ptr() == payload.data_ptr():
-            summed = summed.clone()
-        flags = int(summed[-1]) & (2**k - 1)
-        if flags:
-            raise UserError(violation or (
-                f"secure aggregation: {flags} other process(es) handed a value outside the public bound of kind "
-                f"{kind!r} ({tag}); their own error names the tensor"))
+        for name, values in flat.items():
+            violation = violation or bound_violation(name, kind, tag, values, encoding)
         out = {}
-        for index, name in enumerate(names):
-            like = tensors[name]
-            result = torch.empty(like.numel(), dtype=like.dtype)
-            for start in range(offsets[index], offsets[index + 1], CHUNK):
-                stop = min(start + CHUNK, offsets[index + 1])
-                decode_into(result[start - offsets[index]:stop - offsets[index]], summed[start:stop], encoding, k,
-                            self._scratch[torch.float64])
-            out[name] = result.reshape(like.shape).to(like.device)
+        for first, group in _buckets(list(flat), flat, self.bucket_bytes * 8 // torch.iinfo(dtype).bits):
+            offsets = np.cumsum([0, *(flat[name].numel() for _, name in group)]).tolist()
+            payload = torch.empty(offsets[-1] + first, dtype=dtype)  # the first bucket ends with the flag word
+            if violation is None:
+                for (index, name), lo, hi in zip(group, offsets, offsets[1:]):
+                    self._mask(payload[lo:hi], self._streams(index, name, kind, tag), k, flat[name], encoding)
+            else:  # fresh random words that cancel with nothing: the sum reveals nothing of anyone
+                payload.zero_()
+                self._mask(payload[:offsets[-1]], [(True, _keystream(os.urandom(KEY_BYTES)))], k)
+            if first:
+                payload[-1] = int(violation is not None)
+                self._mask(payload[-1:], self._streams(len(flat), "bound violation flag", kind, tag), k)
+            self.encoded_bytes += payload.numel() * payload.element_size()
+            collective_started, written = time.perf_counter(), written_bytes()
+            summed = self.inner.sum({"secure_aggregation/masked": payload}, kind=kind,
+                                    tag=tag)["secure_aggregation/masked"].cpu()
+            collective_s += time.perf_counter() - collective_started
+            if written is not None:
+                self.wire_bytes += written_bytes() - written
+            if summed.data_ptr() == payload.data_ptr():
+                summed = summed.clone()
+            flags = int(summed[-1]) & (2**k - 1) if first else 0
+            if flags:
+                raise UserError(violation or (
+                    f"secure aggregation: {flags} other process(es) handed a value outside the public bound of kind "
+                    f"{kind!r} ({tag}); their own error names the tensor"))
+            for (_, name), lo, hi in zip(group, offsets, offsets[1:]):
+                result = torch.empty(hi - lo, dtype=tensors[name].dtype)
+                for start in range(lo, hi, CHUNK):
+                    stop = min(start + CHUNK, hi)
+                    decode_into(result[start - lo:stop - lo], summed[start:stop], encoding, k,
+                                self._scratch[torch.float64])
+                out[name] = result.reshape(tensors[name].shape).to(tensors[name].device)
+        self.plain_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.collective_seconds += collective_s
         self.mask_seconds += time.perf_counter() - started - collective_s
-        return out
+        return {name: out[name] for name in tensors}
 
-    def stats(self) -> dict[str, float | int]:
-        """What results.json records about this reducer's traffic and cost."""
-        return {"parties": self.world_size, "calls": self.calls, "plain_bytes": self.plain_bytes,
-                "encoded_bytes": self.encoded_bytes, "wire_bytes": self.wire_bytes,
-                "metadata_bytes": self.metadata_bytes,
-                "mask_seconds": self.mask_seconds, "collective_seconds": self.collective_seconds}
+    def stats(self) -> dict[str, float | int | bool]:
+        """What results.json records about this process's collectives (the same keys as the plain reducer's,
+        ``handed_bytes`` being the masked words; ``wire_bytes`` counts every socket write of the inner
+        reducer, the key exchange and the metadata included)."""
+        inner = getattr(self.inner, "wire_bytes", None)
+        return {"secure_aggregation": True, "parties": self.world_size, "calls": self.calls,
+                "collective_seconds": self.collective_seconds, "mask_seconds": self.mask_seconds,
+                "handed_bytes": self.encoded_bytes, "plain_bytes": self.plain_bytes,
+                "metadata_bytes": self.metadata_bytes, "wire_bytes": self.wire_bytes if inner is None else inner}
