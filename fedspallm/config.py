@@ -465,7 +465,7 @@ class FitConfig:
         partition: how training windows are split across clients: iid (an even split of the
             shuffled windows), topic or dirichlet (as for calibration, see data.partition).
         alpha: Dirichlet concentration for partition=dirichlet.
-        secure_aggregation: federated mode: sum the clients' weighted weights (and losses) across
+        secure_aggregation: federated mode: sum the clients' weighted weights across
             processes under secure aggregation, as federation.secure_aggregation does for prune
             (kind fit_weights; 3 or more processes).
     """
