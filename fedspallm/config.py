@@ -221,10 +221,14 @@ class FederationConfig:
             secure aggregation (X25519 keys, HKDF-SHA256, AES-CTR masks, fixed point with public
             bounds): a process sees no other process's updates or statistics, only their sums. Needs
             3 or more processes. See the README, "Secure aggregation", for the threat model.
-        secure_bounds: public bounds per kind of sum, overriding the defaults, e.g.
-            {weight_sum: 8192}: kinds weight_sum, keep_count, contributors, votes, hessian, sq_norms,
-            fit_weights. A value beyond its bound stops the run with one line (it is never clipped);
-            a bound that could overflow for the process count is refused before the first round.
+        secure_bounds: the public fixed-point encodings per kind of sum, overriding the defaults:
+            {kind: bound} or {kind: {bound, frac_bits, limbs}}, e.g. {weight_sum: 8192} or
+            {weight_sum: {limbs: 2}}; kinds weight_sum, keep_count, contributors, votes, hessian,
+            sq_norms. A value beyond its bound stops the run with one line (it is never clipped); a
+            bound that could overflow for the process count is refused before launch. limbs 2 sends
+            two words per value and makes the masked sum of float32 weights the plain one bit for bit
+            (with one, weights below 2^-13 in magnitude round to 2^-36). fedstats encodes its
+            statistics with the hessian / sq_norms entries in both modes.
     """
 
     strategy: str = "fedspallm"
@@ -247,14 +251,15 @@ class FederationConfig:
     fail_round: int = 1
     fail_mode: Literal["exit", "hang"] = "exit"
     secure_aggregation: bool = False
-    secure_bounds: Optional[dict[str, float]] = None
+    secure_bounds: Optional[dict[str, Union[float, dict[str, float]]]] = None
 
     def __post_init__(self) -> None:
         from fedspallm.federated.secure_aggregation import encodings
         from fedspallm.federated.strategies import STRATEGIES
+        from fedspallm.federated.summed_statistics import check_statistic_encodings
 
         try:
-            encodings(self.secure_bounds)
+            check_statistic_encodings(encodings(self.secure_bounds))
         except UserError as err:
             err.same_on_every_rank = True  # type: ignore[attr-defined]
             raise
@@ -467,7 +472,8 @@ class FitConfig:
         alpha: Dirichlet concentration for partition=dirichlet.
         secure_aggregation: federated mode: sum the clients' weighted weights across
             processes under secure aggregation, as federation.secure_aggregation does for prune
-            (kind fit_weights; 3 or more processes).
+            (kind fit_weights, in two limbs: the plain fit's model bit for bit), and the clients' training
+            losses (kind fit_losses). Needs fit.federated and 3 or more processes.
     """
 
     dataset: str = "default"
@@ -515,6 +521,9 @@ class FitConfig:
         if self.gradient_clip_val is not None:
             check_positive("fit.gradient_clip_val", self.gradient_clip_val)
         check_positive("fit.alpha", self.alpha)
+        if self.secure_aggregation and not self.federated:
+            raise UserError("fit.secure_aggregation=true with fit.federated=false: local fine-tuning sums nothing "
+                            "across processes; set fit.federated true or secure_aggregation false")
         parse_trainable(self.trainable)
 
 

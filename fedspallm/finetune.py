@@ -42,6 +42,7 @@ from fedspallm.errors import UserError
 from fedspallm.federated.aggregation import WeightedSum, weighted_average
 from fedspallm.federated.collectives import Reducer, collective_report, make_reducer
 from fedspallm.federated.rounds import check_processes, clients_of_rank
+from fedspallm.federated.secure_aggregation import check_setup
 from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor
 from fedspallm.environment import describe_environment
 from fedspallm.models import load_model, prunable_modules
@@ -234,13 +235,15 @@ def _finish(results: dict[str, Any], net: nn.Module, tokenizer: Any, reporter: R
 def check_settings(fit: FitConfig, eval: EvalConfig, output: OutputConfig, runtime: RuntimeConfig) -> str:
     """The rules between sections and the processes this run has; returns the validation corpus's name."""
     val_name = check_fit(fit, eval, output)
-    processes, how = launched_processes(runtime)
-    processes = 2 if processes is None else processes  # not a plain number (e.g. devices "auto"): several
+    launched, how = launched_processes(runtime)
+    processes = 2 if launched is None else launched  # not a plain number (e.g. devices "auto"): several
     if not fit.federated and processes > 1:
         raise UserError(f"{processes} processes, but local fine-tuning runs in one process: set fit.federated=true "
                         "to spread clients over processes, or launch a single process")
     if fit.federated:
         check_processes(processes, fit.num_clients, key="fit.num_clients", how=how)
+    if fit.secure_aggregation and launched is not None:
+        check_setup(launched, switch="fit.secure_aggregation", how=how)
     return val_name
 
 
@@ -304,7 +307,8 @@ def finetune(
     if fit.federated:
         outcome = _fit_federated(fabric, module, fit, runtime, windows, val_windows, val_before, eval.batch_size,
                                  tokenizer, reporter,
-                                 make_reducer(fabric, secure=fit.secure_aggregation, seed=seed), seed, corpora)
+                                 make_reducer(fabric, secure=fit.secure_aggregation, seed=seed,
+                                              switch="fit.secure_aggregation"), seed, corpora)
     else:
         outcome = _fit_local(module, fit, runtime, windows, val_windows, val_before, eval.batch_size, reporter,
                              output.dir, seed)
@@ -492,7 +496,7 @@ def _fit_federated(fabric: Fabric, module: CausalLMModule, cfg: FitConfig, runti
                     p.copy_(average[name])
             del average
             module.apply_masks()
-            loss_sum = reducer.sum({"loss": loss_sum}, kind="metadata", tag=tag)["loss"]
+            loss_sum = reducer.sum({"loss": loss_sum}, kind="fit_losses", tag=tag)["loss"]
             ppl = evaluate_perplexity(fabric, module, val_windows, val_batch_size, progress=False)
             step = (r + 1) * cfg.local_steps
             if ppl < min(row[1] for row in history):

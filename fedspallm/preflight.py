@@ -117,6 +117,10 @@ def validate_config(model: ModelConfig, data: DataConfig, eval: EvalConfig, prun
     processes, flag = launched_processes(runtime)
     if processes is not None and strategy.clients_per_process:
         check_processes(processes, federation.num_clients, how=flag)
+    if processes is not None and federation.secure_aggregation:
+        from fedspallm.federated.secure_aggregation import check_setup, encodings
+
+        check_setup(processes, encodings(federation.secure_bounds), how=flag)
     if not strategy.round_based:
         round_based = ", ".join(name for name, cls in STRATEGIES.items() if cls.round_based)
         for key, value in (("federation.fail_client", federation.fail_client), ("output.resume", output.resume)):

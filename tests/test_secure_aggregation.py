@@ -31,7 +31,7 @@ from fedspallm.federated.secure_aggregation import (
 import subprocess
 import sys
 
-from test_distributed import FABRIC, MAIN, REPO, free_port, results, run, tiny_args
+from test_distributed import FABRIC, MAIN, REPO, free_port, model_sha, results, run, tiny_args
 from test_finetune import corpus, pruned_dir  # noqa: F401  (fixtures)
 
 NUM_CLIENTS = 12  # spread over 3 or 4 processes: 4 or 3 clients each
@@ -287,37 +287,147 @@ def test_bound_overrides_parse():
         Encoding(-1.0, 3).check("votes", 3)
 
 
-def test_the_switch_gives_the_plain_run_s_model_and_records_its_bytes(tiny_model_dir, tmp_path):
-    """federation.secure_aggregation on the tiny model with 3 processes: the same prune as the plain run."""
+def weights_of(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (model,) = out.glob("version_*/model/model.safetensors")
+    return load_file(model)
+
+
+def test_two_limbs_give_the_correctly_rounded_exact_sum_where_one_limb_rounds():
+    """Float32 values of magnitude 2^-40 to 2^2 (all on the two-limb grid, 2^-72): one limb rounds the small
+    ones to 2^-36; two limbs give every sum correctly rounded (math.fsum), which is also the plain sum
+    wherever that one is exact."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw() -> torch.Tensor:
+        sign = torch.randint(0, 2, (4000,), generator=generator) * 2 - 1
+        return torch.ldexp(sign * (1 + torch.rand(4000, generator=generator)),
+                           torch.randint(-40, 2, (4000,), generator=generator)).float().double()
+
+    parts = [draw() for _ in range(4)]
+    exact = torch.tensor([math.fsum(v) for v in zip(*(p.tolist() for p in parts))], dtype=torch.float64)
+    two = fixed_point_sum(parts, Encoding(2.0**12, 32, limbs=2), 4)
+    assert torch.equal(two, exact)
+    one = fixed_point_sum(parts, Encoding(2.0**12, 36), 4)
+    assert not torch.equal(one, exact)  # the control: one word does round these values
+    ulp = torch.nextafter(exact.abs(), torch.tensor(float("inf"), dtype=torch.float64)) - exact.abs()
+    assert bool(((one - exact).abs() <= 4 * 2.0**-37 + ulp).all())  # 4 parties' half quanta
+    fit = DEFAULT_ENCODINGS["fit_weights"]  # n_i · W_i, float32 weights: on the two-limb grid
+    weighted = [(torch.randn(4000, generator=generator) * 0.02).double() * n for n in (3, 5, 7)]
+    assert torch.equal(fixed_point_sum(weighted, fit, 3), weighted[0] + weighted[1] + weighted[2])
+    assert fit.limbs == 2 and fit.words(127) == torch.int64
+
+
+def test_a_two_limb_sum_through_the_reducer_is_the_fixed_point_sum(tmp_path):
+    """Three gloo processes, fit_weights (two limbs): what comes back is fixed_point_sum bit for bit, and twice
+    the words went to the collective."""
+    out = tmp_path / "limbs"
+    out.mkdir()
+    mp.spawn(_two_limb_worker, args=(3, free_port(), str(out)), nprocs=3, join=True)
+    parts = [_two_limb_input(rank) for rank in range(3)]
+    reference = fixed_point_sum(parts, DEFAULT_ENCODINGS["fit_weights"], 3)
+    assert torch.equal(reference, parts[0] + parts[1] + parts[2])
+    for rank in range(3):
+        got = torch.load(out / f"rank{rank}.pt")
+        assert torch.equal(got["sum"], reference)
+        assert got["handed"] == 2 * 8 * reference.numel() + 8  # two int64 words a value, one flag word
+
+
+def _two_limb_input(rank: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(rank)
+    return (torch.randn(70_000, generator=generator) * 0.02).double() * (rank + 2)
+
+
+def _two_limb_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        inner = CapturingReducer(world)
+        reducer = SecureReducer(inner, rank, seed=0, bucket_bytes=1 << 20)  # the tensor spans two buckets
+        summed = reducer.sum({"w": _two_limb_input(rank)}, kind="fit_weights", tag="round 0")["w"]
+        handed = sum(t.numel() * t.element_size() for kind, _, t in inner.handed if kind != "metadata")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save({"sum": summed, "handed": handed}, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("strategy", ["fedspallm", "fedstats"])
+def test_the_switch_gives_the_plain_run_s_model_bit_for_bit_and_records_it(strategy, tiny_model_dir, tmp_path):
+    """federation.secure_aggregation on the tiny model with 3 processes (clients 0 | 1 | 2, 3): the same
+    model.safetensors as the plain run, byte for byte, and results.json says which run was masked. fedspallm's
+    weight sums need two limbs for that; with one, the weights that differ are those below 2^-13."""
+    extra = ("--federation.strategy", strategy, "--output.save_compressed", "false")
     plain, secure = tmp_path / "plain", tmp_path / "secure"
-    run([FABRIC, "run", "--devices", "3", MAIN, *tiny_args(tiny_model_dir, plain)], timeout=900)
-    run([FABRIC, "run", "--devices", "3", MAIN, *tiny_args(tiny_model_dir, secure, "--federation.secure_aggregation",
-                                                          "true")], timeout=900)
+    limbs = ("--federation.secure_bounds", "{weight_sum: {limbs: 2}}") if strategy == "fedspallm" else ()
+    run([FABRIC, "run", "--devices", "3", MAIN, *tiny_args(tiny_model_dir, plain, *extra)], timeout=900)
+    run([FABRIC, "run", "--devices", "3", MAIN, *tiny_args(tiny_model_dir, secure, *extra,
+                                                          "--federation.secure_aggregation", "true", *limbs)],
+        timeout=900)
+    assert model_sha(secure) == model_sha(plain)
     a, b = results(plain), results(secure)
     assert (a["secure_aggregation"], b["secure_aggregation"]) == (False, True)
-    assert b["perplexity"]["default"] == pytest.approx(a["perplexity"]["default"], rel=1e-6)
-    assert b["sparsity"] == a["sparsity"]
+    assert b["perplexity"] == a["perplexity"] and b["sparsity"] == a["sparsity"]
     plain_c, secure_c = a["collectives"], b["collectives"]
+    assert (plain_c["secure_aggregation"], secure_c["secure_aggregation"], secure_c["parties"]) == (False, True, 3)
     assert secure_c["plain_bytes"] == plain_c["handed_bytes"] > 0
-    # int64 words for the float64 weight sums, int32 for the int32 keep counts and the int64 contributor counts.
-    assert 0 < plain_c["handed_bytes"] - secure_c["handed_bytes"] < 4 * 64
-    assert len(secure_c["wire_bytes_per_process"]) == 3 and min(secure_c["wire_bytes_per_process"]) > secure_c["handed_bytes"]
+    assert len(secure_c["wire_bytes_per_process"]) == 3
+    assert min(secure_c["wire_bytes_per_process"]) > secure_c["handed_bytes"]
+    if strategy == "fedstats":
+        # grid values as int64 words (the plain bytes), counts and flags as int32 words instead of int64
+        assert secure_c["handed_bytes"] < plain_c["handed_bytes"]
+        return
+    assert secure_c["handed_bytes"] > plain_c["handed_bytes"]  # two int64 words per float64 weight sum
+    # One limb (the default): weight sums on the 2^-36 grid (every float32 value above 2^-13 in magnitude)
+    # come back exact; others within the parties' rounding, P half quanta, then one float32 rounding each side.
+    one_limb = tmp_path / "one_limb"
+    run([FABRIC, "run", "--devices", "3", MAIN, *tiny_args(tiny_model_dir, one_limb, *extra,
+                                                          "--federation.secure_aggregation", "true")], timeout=900)
+    rounded = weights_of(one_limb)
+    for name, want in weights_of(plain).items():
+        ulp = torch.nextafter(want.abs(), torch.tensor(float("inf"), dtype=want.dtype)) - want.abs()
+        assert bool(((rounded[name] - want).abs() <= 3 * 2.0**-37 + ulp).all()), name
+    # int64 words for the float64 weight sums, int32 for the int32 keep counts and the int64 contributor counts
+    assert 0 < plain_c["handed_bytes"] - results(one_limb)["collectives"]["handed_bytes"] < 4 * 64
 
 
-def test_the_switch_with_two_processes_is_one_line(tiny_model_dir, tmp_path):
-    command = [sys.executable, MAIN, *tiny_args(tiny_model_dir, tmp_path / "two", "--runtime.devices", "2",
-                                                "--federation.secure_aggregation", "true")]
+@pytest.mark.parametrize("command", ["prune", "fit"])
+def test_the_switch_with_two_processes_is_one_line_before_launch(command, tiny_model_dir, pruned_dir, corpus,
+                                                                 tmp_path):
+    from test_finetune import fit_args
+
+    if command == "prune":
+        switch = "federation.secure_aggregation"
+        args = tiny_args(tiny_model_dir, tmp_path, "--runtime.devices", "2", f"--{switch}", "true")
+    else:
+        switch = "fit.secure_aggregation"
+        args = fit_args(pruned_dir, corpus, tmp_path, "--runtime.devices", "2", "--fit.federated", "true",
+                        f"--{switch}", "true")
     env = {**os.environ, "MASTER_PORT": str(free_port())}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    done = subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True, timeout=240, env=env,
+                          cwd=REPO)
     assert done.returncode != 0
+    assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert lines == ["error: secure aggregation needs at least 3 processes, got 2: with 2 each learns the other's "
-                     "input from the sum; launch 3 or more (fabric run --devices 3) or set "
-                     "federation.secure_aggregation false"]
+    assert lines == [f"error: runtime.devices=2 x num_nodes=1: {switch}=true needs at least 3 processes, got 2: "
+                     "with 2 each learns the other's input from the sum; launch 3 or more (fabric run --devices 3) "
+                     f"or set {switch} false"]
+    assert not list(tmp_path.glob("version_*/results.json"))
 
 
-def test_federated_fit_under_secure_aggregation(pruned_dir, corpus, tmp_path):
-    """fit.secure_aggregation with 3 processes: the FedAvg sums go masked, and the run fine-tunes as the plain one."""
+def test_fit_secure_aggregation_needs_federated_fit():
+    from fedspallm.config import FitConfig
+
+    with pytest.raises(UserError, match=r"^fit.secure_aggregation=true with fit.federated=false: local fine-tuning "
+                                        r"sums nothing across processes; set fit.federated true or secure_aggregation "
+                                        r"false$"):
+        FitConfig(secure_aggregation=True)
+
+
+def test_federated_fit_under_secure_aggregation_equals_the_plain_fit(pruned_dir, corpus, tmp_path):
+    """fit.secure_aggregation with 3 processes: the FedAvg sums go masked, and the fine-tuned model is the
+    plain run's, byte for byte."""
     from test_finetune import fit_args
 
     fed = ["--fit.federated", "true", "--fit.num_clients", "3", "--fit.rounds", "2", "--fit.local_steps", "2",
@@ -327,12 +437,15 @@ def test_federated_fit_under_secure_aggregation(pruned_dir, corpus, tmp_path):
         timeout=600)
     run([FABRIC, "run", "--accelerator", "cpu", "--devices", "3", MAIN,
          *fit_args(pruned_dir, corpus, secure, *fed, "--fit.secure_aggregation", "true")], timeout=600)
+    assert model_sha(secure) == model_sha(plain)
     a, b = results(plain), results(secure)
     assert (a["federated"]["secure_aggregation"], b["federated"]["secure_aggregation"]) == (False, True)
     assert b["masks_preserved"] is True
+    assert b["val"]["history"] == a["val"]["history"]
+    # the training losses, now masked (kind fit_losses): the correctly rounded sum, the plain sum within its
+    # own float64 rounding of three terms
+    for plain_loss, secure_loss in zip(a["federated"]["train_loss_per_round"], b["federated"]["train_loss_per_round"]):
+        assert secure_loss == pytest.approx(plain_loss, rel=2.0**-50, abs=0)
     digests = b["weights_sha256_per_rank"]
     assert len(digests) == 3 and len(set(digests)) == 1  # every rank decodes the same weights
-    assert [row[0] for row in b["val"]["history"]] == [row[0] for row in a["val"]["history"]]
-    for (_, ppl_plain), (_, ppl_secure) in zip(a["val"]["history"], b["val"]["history"]):
-        assert ppl_secure == pytest.approx(ppl_plain, rel=1e-4)
     assert b["federated"]["collectives"]["plain_bytes"] == a["federated"]["collectives"]["handed_bytes"] > 0

@@ -7,7 +7,7 @@ implements the same protocol (:mod:`fedspallm.federated.secure_aggregation`) and
 
 Kinds (what the tensors are; secure aggregation maps each to a public fixed-point encoding):
 ``weight_sum``, ``keep_count``, ``contributors``, ``votes``, ``hessian``, ``sq_norms``,
-``fit_weights`` and ``metadata`` (bytes, timings, perplexities of standalone clients: always plain).
+``fit_weights``, ``fit_losses`` and ``metadata`` (bytes, timings, perplexities of standalone clients: always plain).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from fedspallm.placement import collective_device
 
-KINDS = ("weight_sum", "keep_count", "contributors", "votes", "hessian", "sq_norms", "fit_weights", "metadata")
+KINDS = ("weight_sum", "keep_count", "contributors", "votes", "hessian", "sq_norms", "fit_weights", "fit_losses",
+         "metadata")
 # Below the 32 MB above which the CLI lets glibc map (and page-fault) each allocation afresh (cli.tune_allocator):
 # bucket buffers are then reused heap memory. The extra memory of a reduce is one bucket plus the sums.
 DEFAULT_BUCKET_BYTES = 16 << 20
@@ -144,16 +145,18 @@ def collective_report(reducer: Any, rank: int) -> dict[str, Any]:
 
 
 def make_reducer(fabric: Any, *, secure: bool = False, seed: int = 0,
-                 bounds: Mapping[str, float] | None = None) -> Reducer:
-    """The run's one reducer: plain, or secure aggregation over a plain one (``secure_aggregation``).
+                 bounds: Mapping[str, Any] | None = None, switch: str = "federation.secure_aggregation") -> Reducer:
+    """The run's one reducer: plain, or secure aggregation over a plain one.
 
-    Every driver (prune, fit) builds its reducer here and nowhere else."""
+    Every driver (prune, fit) builds its reducer here and nowhere else; ``secure`` is the value of its
+    switch (``switch`` names the key, for the errors), ``bounds`` the overrides of the public encodings."""
     plain = PlainReducer(fabric)
     if not secure:
         return plain
     from fedspallm.federated.secure_aggregation import SecureReducer, encodings
 
-    return SecureReducer(plain, 0 if fabric is None else fabric.global_rank, seed=seed, bounds=encodings(bounds))
+    return SecureReducer(plain, 0 if fabric is None else fabric.global_rank, seed=seed, bounds=encodings(bounds),
+                         switch=switch)
 
 
 def broadcast_from_rank_zero(fabric: Any, tensors: Mapping[str, torch.Tensor]) -> None:

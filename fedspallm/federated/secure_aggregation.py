@@ -43,6 +43,13 @@ unsigned numpy views, whose arithmetic wraps mod 2^w by definition; 2^k divides 
 P · ceil(bound · 2^f) < 2^(k−1), which :meth:`Encoding.check` verifies (for int64 words) for
 every kind before the first round: one line naming the kind and the numbers.
 
+**Two limbs.** One word rounds a float32 value below 2^(23 − f) in magnitude (2^-13 for
+``weight_sum``). An encoding with ``limbs`` 2 sends round(x · 2^(f + 40)) as two int64 words, the high
+floor(x · 2^f) and the low next 40 bits, each masked and summed like a tensor of its own; the
+decoded sum is then the correctly rounded exact sum, which is the plain float64 sum whenever that
+one is exact. ``fit_weights`` uses two limbs; ``weight_sum`` one, unless ``federation.secure_bounds``
+says ``{weight_sum: {limbs: 2}}`` (twice its words on the wire).
+
 **Bad input.** A value outside its bound makes its party replace its whole payload with fresh random
 words (so the others learn nothing, not even the sum of the rest) and raise a flag that travels
 as one more masked word of the same collective. Every party sees the flag in the sum and raises a
@@ -74,7 +81,7 @@ from cryptography.hazmat.primitives.serialization import Encoding as KeyEncoding
 from cryptography.hazmat.primitives.serialization import PublicFormat
 
 from fedspallm.errors import UserError
-from fedspallm.federated.collectives import written_bytes
+from fedspallm.federated.collectives import DEFAULT_BUCKET_BYTES, written_bytes
 
 MIN_PARTIES = 3
 LABEL = b"fedspallm/secure-aggregation/v1"
@@ -90,41 +97,59 @@ def modulus_bits(parties: int, word_bits: int = 64) -> int:
     return word_bits - 1 - (parties - 1).bit_length()
 
 
+LOW_BITS = 40  # the low word of a two-limb encoding carries this many bits below 2^-frac_bits
+EXACT = 2**53  # float64 holds every integer below it
+
+
 @dataclass(frozen=True)
 class Encoding:
     """The public fixed-point encoding of one kind of tensor: every value x a party hands in has
     |x| <= ``bound`` and is sent as round(x · 2^``frac_bits``). Integer kinds use ``frac_bits`` 0 and
-    are exact."""
+    are exact.
+
+    ``limbs`` 2 sends round(x · 2^(frac_bits + LOW_BITS)) as two int64 words, the high one
+    floor(x · 2^frac_bits) and the low one the next :data:`LOW_BITS` bits (in [0, 2^LOW_BITS]): twice
+    the words, and every float32 value down to 2^(23 − frac_bits − LOW_BITS) on the grid. The high
+    words' sum stays below 2^53 (:meth:`fits`), so the two sums decode through float64 with one
+    rounding: the correctly rounded exact sum."""
 
     bound: float
     frac_bits: int
+    limbs: int = 1
 
     def max_word(self) -> int:
-        """The largest |q| a value within the bound encodes to."""
+        """The largest |q| a value within the bound encodes to (the high word's, with two limbs)."""
         return math.ceil(Fraction(self.bound) * 2**self.frac_bits)
 
     def fits(self, parties: int, word_bits: int) -> bool:
-        return parties * self.max_word() < 2 ** (modulus_bits(parties, word_bits) - 1)
+        room = 2 ** (modulus_bits(parties, word_bits) - 1)
+        if self.limbs == 1:
+            return parties * self.max_word() < room
+        # the high sum plus the carries of the low words (at most one per party) stays exact in float64
+        return parties * (self.max_word() + 1) < min(room, EXACT) and parties * 2**LOW_BITS < room
 
     def check(self, kind: str, parties: int) -> None:
         """A one-line error unless ``parties`` sums of values within the bound decode without overflow."""
-        if not (self.bound > 0 and math.isfinite(self.bound)) or not 0 <= self.frac_bits <= 62:
-            raise UserError(f"secure aggregation: kind {kind!r} needs a finite bound > 0 and 0 <= frac_bits <= 62, "
-                            f"got bound {self.bound!r} and frac_bits {self.frac_bits!r}")
+        if not (self.bound > 0 and math.isfinite(self.bound)) or not 0 <= self.frac_bits <= 62 \
+                or self.limbs not in (1, 2):
+            raise UserError(f"secure aggregation: kind {kind!r} needs a finite bound > 0, 0 <= frac_bits <= 62 and "
+                            f"limbs 1 or 2, got bound {self.bound!r}, frac_bits {self.frac_bits!r} and limbs "
+                            f"{self.limbs!r}")
         if not self.fits(parties, 64):
             k = modulus_bits(parties)
+            limit = (f"2^{k - 1} (sums are taken mod 2^{k})" if self.limbs == 1
+                     else f"2^{min(k - 1, 53)} (the high words' sum decodes through float64)")
             raise UserError(
                 f"secure aggregation: kind {kind!r} would overflow: {parties} parties x bound {self.bound:g} x "
-                f"2^{self.frac_bits} >= 2^{k - 1} (sums are taken mod 2^{k}); lower its bound or frac_bits, or run "
-                "fewer processes"
+                f"2^{self.frac_bits} >= {limit}; lower its bound or frac_bits, or run fewer processes"
             )
 
     def words(self, parties: int) -> torch.dtype:
         """The collective's word: int32 when the sum fits (half the bytes of int64), else int64."""
-        return torch.int32 if self.fits(parties, 32) else torch.int64
+        return torch.int32 if self.limbs == 1 and self.fits(parties, 32) else torch.int64
 
     def quantum(self) -> float:
-        return 2.0**-self.frac_bits
+        return 2.0 ** -(self.frac_bits + LOW_BITS * (self.limbs - 1))
 
 
 # The public encodings. Bounds hold per party and per call: the value a process hands in is the sum
@@ -141,8 +166,12 @@ DEFAULT_ENCODINGS: dict[str, Encoding] = {
     # so every entry is bounded by max x²: 2^24 allows |x| up to 4096; quantum 2^-24 = 6e-8.
     "hessian": Encoding(2.0**24, 24),
     "sq_norms": Encoding(2.0**24, 24),
-    # Federated fine-tuning: Σ n_i W_i over a party's clients (n_i = windows of client i); quantum 3.7e-9.
-    "fit_weights": Encoding(2.0**20, 28),
+    # Federated fine-tuning: Σ n_i W_i over a party's clients (n_i = windows of client i), in two limbs:
+    # quantum 2^-64 (5.4e-20), so every float32 weight above 2^-41 in magnitude is on the grid and the sum
+    # is the plain float64 sum's correctly rounded value (one word would round n_i W_i to 2^-28).
+    "fit_weights": Encoding(2.0**20, 24, limbs=2),
+    # Its clients' mean training losses and their number, summed per round (the reported train/loss).
+    "fit_losses": Encoding(2.0**20, 24, limbs=2),
 }
 
 
@@ -153,15 +182,35 @@ def encodings(overrides: Mapping[str, float | Mapping[str, float]] | None = None
         if kind not in table:
             raise UserError(f"federation.secure_bounds: unknown kind {kind!r}; known: {', '.join(table)}")
         if isinstance(value, Mapping):
-            unknown = set(value) - {"bound", "frac_bits"}
+            unknown = set(value) - {"bound", "frac_bits", "limbs"}
             if unknown:
-                raise UserError(f"federation.secure_bounds: kind {kind!r} takes bound and frac_bits, not {sorted(unknown)}")
+                raise UserError(f"federation.secure_bounds: kind {kind!r} takes bound, frac_bits and limbs, not "
+                                f"{sorted(unknown)}")
+            for key in ("frac_bits", "limbs"):
+                if key in value and value[key] != int(value[key]):
+                    raise UserError(f"federation.secure_bounds: kind {kind!r}: {key} {value[key]!r} is not an integer")
             table[kind] = Encoding(float(value.get("bound", table[kind].bound)),
-                                   int(value.get("frac_bits", table[kind].frac_bits)))
+                                   int(value.get("frac_bits", table[kind].frac_bits)),
+                                   int(value.get("limbs", table[kind].limbs)))
         else:
             table[kind] = Encoding(float(value), table[kind].frac_bits)
         table[kind].check(kind, MIN_PARTIES)
     return table
+
+
+def check_setup(parties: int, table: Mapping[str, Encoding] | None = None, *,
+                switch: str = "federation.secure_aggregation", how: str = "") -> None:
+    """The rules on public numbers that come before any collective: at least :data:`MIN_PARTIES` parties,
+    and every kind's encoding fits ``parties`` (:meth:`Encoding.check`). One line each; ``switch`` is the
+    config key that turned secure aggregation on, ``how`` what set the process count."""
+    if parties < MIN_PARTIES:
+        launched = f"{how}: " if how else ""
+        raise UserError(
+            f"{launched}{switch}=true needs at least {MIN_PARTIES} processes, got {parties}: with 2 each learns the "
+            f"other's input from the sum; launch 3 or more (fabric run --devices 3) or set {switch} false"
+        )
+    for kind, encoding in (DEFAULT_ENCODINGS if table is None else table).items():
+        encoding.check(kind, parties)
 
 
 def _unsigned(words: torch.Tensor) -> np.ndarray:
@@ -174,11 +223,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def encode_into(words: torch.Tensor, x: torch.Tensor, encoding: Encoding, scratch: torch.Tensor | None = None) -> None:
+def encode_into(words: torch.Tensor, x: torch.Tensor, encoding: Encoding, scratch: torch.Tensor | None = None,
+                limb: int = 0) -> None:
     """words (int32/int64) = round(x · 2^f), half to even; x flat, on the CPU, already within the bound.
+    With two limbs, ``limb`` 0 is floor(x · 2^f) and ``limb`` 1 round(frac(x · 2^f) · 2^LOW_BITS).
 
-    x · 2^f is exact (a power-of-two scale, far from overflow), so the only rounding is round()."""
+    x · 2^f is exact (a power-of-two scale, far from overflow), and so are the floor and the fraction
+    of a float, so the only rounding is round()."""
     if not x.dtype.is_floating_point:
+        if limb:
+            words.zero_()
+            return
         words.copy_(x)
         if encoding.frac_bits:
             words.mul_(2**encoding.frac_bits)
@@ -186,37 +241,57 @@ def encode_into(words: torch.Tensor, x: torch.Tensor, encoding: Encoding, scratc
     compute = _compute_dtype(x.dtype)
     scaled = torch.empty(len(x), dtype=compute) if scratch is None else scratch[:len(x)]
     torch.mul(x.to(compute), 2.0**encoding.frac_bits, out=scaled)
-    words.copy_(scaled.round_())
+    if encoding.limbs == 1:
+        words.copy_(scaled.round_())
+    elif limb == 0:
+        words.copy_(scaled.floor_())
+    else:
+        words.copy_(scaled.sub_(torch.floor(scaled)).mul_(2.0**LOW_BITS).round_())
 
 
-def decode_into(out: torch.Tensor, words: torch.Tensor, encoding: Encoding, k: int,
-                scratch: torch.Tensor | None = None) -> None:
-    """out = the signed residue of ``words`` mod 2^k, times 2^-f (``words`` is overwritten; both flat, CPU).
-
-    Through float64: exact below 2^53, then rounded once to out's dtype."""
+def _signed_residue(words: torch.Tensor, k: int) -> None:
+    """words = their signed residue mod 2^k, in [−2^(k−1), 2^(k−1)), in place."""
     u = _unsigned(words)
     low, half = u.dtype.type(2**k - 1), u.dtype.type(2 ** (k - 1))
     np.bitwise_and(u, low, out=u)
     np.add(u, half, out=u)  # the residue shifted by half a modulus, so that ...
     np.bitwise_and(u, low, out=u)
-    words.sub_(int(half))  # ... subtracting it back gives the signed residue in [−2^(k−1), 2^(k−1))
+    words.sub_(int(half))  # ... subtracting it back gives the signed residue
+
+
+def decode_into(out: torch.Tensor, words: torch.Tensor, encoding: Encoding, k: int,
+                scratch: torch.Tensor | None = None, low_words: torch.Tensor | None = None) -> None:
+    """out = the signed residue of ``words`` mod 2^k, times 2^-f (``words`` is overwritten; both flat, CPU).
+    With two limbs, ``low_words`` are the low words' sums (overwritten too).
+
+    Through float64: exact below 2^53, then rounded once to out's dtype. Two limbs: the low sums'
+    carries move into the high sums (still below 2^53), and high · 2^-f + low · 2^-(f + LOW_BITS),
+    both exact, is rounded once."""
+    _signed_residue(words, k)
     if not out.dtype.is_floating_point:
         out.copy_(words if not encoding.frac_bits else torch.div(words, 2**encoding.frac_bits, rounding_mode="floor"))
         return
     values = torch.empty(len(words), dtype=torch.float64) if scratch is None else scratch[:len(words)]
+    if low_words is not None:
+        _signed_residue(low_words, k)  # a sum of words in [0, 2^LOW_BITS]: non-negative
+        words.add_(low_words >> LOW_BITS)
+        low_words.bitwise_and_(2**LOW_BITS - 1)
     values.copy_(words).mul_(2.0**-encoding.frac_bits)
+    if low_words is not None:
+        values.add_(low_words.to(torch.float64).mul_(2.0 ** -(encoding.frac_bits + LOW_BITS)))
     out.copy_(values)
 
 
 def fixed_point_sum(parts: list[torch.Tensor], encoding: Encoding, parties: int) -> torch.Tensor:
     """The plain fixed-point sum of the parties' tensors: what :meth:`SecureReducer.sum` must return, bit for bit."""
-    total = torch.zeros(parts[0].numel(), dtype=torch.int64)
+    totals = [torch.zeros(parts[0].numel(), dtype=torch.int64) for _ in range(encoding.limbs)]
     for part in parts:
-        words = torch.empty(part.numel(), dtype=torch.int64)
-        encode_into(words, part.detach().reshape(-1).cpu(), encoding)
-        total += words
+        for limb, total in enumerate(totals):
+            words = torch.empty(part.numel(), dtype=torch.int64)
+            encode_into(words, part.detach().reshape(-1).cpu(), encoding, limb=limb)
+            total += words
     out = torch.empty(parts[0].numel(), dtype=parts[0].dtype)
-    decode_into(out, total, encoding, modulus_bits(parties))
+    decode_into(out, totals[0], encoding, modulus_bits(parties), low_words=totals[1] if encoding.limbs == 2 else None)
     return out.reshape(parts[0].shape)
 
 
@@ -248,14 +323,14 @@ def _fields(*parts: bytes) -> bytes:
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
 
-def _buckets(names: list[str], flat: Mapping[str, torch.Tensor], max_words: int):
+def _buckets(names: list[str], flat: Mapping[str, torch.Tensor], max_words: int, limbs: int = 1):
     """(is first bucket, [(position, name), ...]) in order, each bucket at most ``max_words`` words
-    (a larger tensor is a bucket of its own); an empty call is one empty bucket, for its flag."""
+    (``limbs`` per value; a larger tensor is a bucket of its own); an empty call is one empty bucket, for its flag."""
     group: list[tuple[int, str]] = []
     words = 0
     first = True
     for index, name in enumerate(names):
-        size = flat[name].numel()
+        size = flat[name].numel() * limbs
         if group and words + size > max_words:
             yield first, group
             first, group, words = False, [], 0
@@ -278,7 +353,8 @@ class SecureReducer:
         rank: this process's party index, 0 <= rank < inner.world_size.
         seed: the config seed, bound into the run id.
         bounds: ``{kind: Encoding}``, by default :data:`DEFAULT_ENCODINGS`.
-        bucket_bytes: the most words handed to the collective at once.
+        bucket_bytes: the most bytes of words handed to the collective at once (the plain reducer's buckets).
+        switch: the config key that turned it on, for the one-line errors of :func:`check_setup`.
 
     Attributes for results.json: ``plain_bytes`` (what the same calls would hand a plain reducer),
     ``encoded_bytes`` (the words handed to the collective), ``wire_bytes`` (what this process wrote
@@ -287,30 +363,24 @@ class SecureReducer:
     """
 
     def __init__(self, inner: InnerReducer, rank: int, *, seed: int = 0,
-                 bounds: Mapping[str, Encoding] | None = None, bucket_bytes: int = 64 << 20) -> None:
+                 bounds: Mapping[str, Encoding] | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 switch: str = "federation.secure_aggregation") -> None:
         try:
-            self._setup(inner, rank, seed, bounds, bucket_bytes)
+            self._setup(inner, rank, seed, bounds, bucket_bytes, switch)
         except UserError as err:  # the same checks on the same public numbers: every rank says the same
             err.same_on_every_rank = True  # type: ignore[attr-defined]
             raise
 
     def _setup(self, inner: InnerReducer, rank: int, seed: int, bounds: Mapping[str, Encoding] | None,
-               bucket_bytes: int) -> None:
+               bucket_bytes: int, switch: str) -> None:
         self.inner = inner
         self.bucket_bytes = bucket_bytes
         self.world_size = inner.world_size
         self.rank = rank
-        if self.world_size < MIN_PARTIES:
-            raise UserError(
-                f"secure aggregation needs at least {MIN_PARTIES} processes, got {self.world_size}: with 2 each "
-                "learns the other's input from the sum; launch 3 or more (fabric run --devices 3) or set "
-                "federation.secure_aggregation false"
-            )
+        self.encodings = dict(DEFAULT_ENCODINGS if bounds is None else bounds)
+        check_setup(self.world_size, self.encodings, switch=switch)
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside 0..{self.world_size - 1}")
-        self.encodings = dict(DEFAULT_ENCODINGS if bounds is None else bounds)
-        for kind, encoding in self.encodings.items():
-            encoding.check(kind, self.world_size)
         self.calls = 0
         self.plain_bytes = self.encoded_bytes = self.metadata_bytes = self.wire_bytes = 0
         self.mask_seconds = self.collective_seconds = 0.0
@@ -355,7 +425,7 @@ class SecureReducer:
 
     # -- masking ---------------------------------------------------------------------------------
     def _mask(self, words: torch.Tensor, streams: list[tuple[bool, object]], k: int,
-              source: torch.Tensor | None = None, encoding: Encoding | None = None) -> None:
+              source: torch.Tensor | None = None, encoding: Encoding | None = None, limb: int = 0) -> None:
         """words = encode(source) (or words as they are) + Σ ±keystream mod 2^k, chunk by chunk, in place."""
         u = _unsigned(words)
         low = u.dtype.type(2**k - 1)
@@ -364,7 +434,7 @@ class SecureReducer:
         for start in range(0, len(u), CHUNK):
             part = u[start:start + CHUNK]
             if source is not None:
-                encode_into(words[start:start + CHUNK], source[start:start + CHUNK], encoding, scratch)
+                encode_into(words[start:start + CHUNK], source[start:start + CHUNK], encoding, scratch, limb)
             for add, encryptor in streams:
                 encryptor.update_into(self._zeros[:part.nbytes], self._stream_bytes)
                 (np.add if add else np.subtract)(part, stream[:len(part)], out=part)
@@ -394,12 +464,15 @@ class SecureReducer:
         for name, values in flat.items():
             violation = violation or bound_violation(name, kind, tag, values, encoding)
         out = {}
-        for first, group in _buckets(list(flat), flat, self.bucket_bytes * 8 // torch.iinfo(dtype).bits):
-            offsets = np.cumsum([0, *(flat[name].numel() for _, name in group)]).tolist()
+        limbs = encoding.limbs
+        for first, group in _buckets(list(flat), flat, self.bucket_bytes * 8 // torch.iinfo(dtype).bits, limbs):
+            offsets = np.cumsum([0, *(flat[name].numel() * limbs for _, name in group)]).tolist()
             payload = torch.empty(offsets[-1] + first, dtype=dtype)  # the first bucket ends with the flag word
             if violation is None:
                 for (index, name), lo, hi in zip(group, offsets, offsets[1:]):
-                    self._mask(payload[lo:hi], self._streams(index, name, kind, tag), k, flat[name], encoding)
+                    streams, n = self._streams(index, name, kind, tag), flat[name].numel()
+                    for limb in range(limbs):  # the high words, then the low ones, along one keystream per peer
+                        self._mask(payload[lo + limb * n:lo + (limb + 1) * n], streams, k, flat[name], encoding, limb)
             else:  # fresh random words that cancel with nothing: the sum reveals nothing of anyone
                 payload.zero_()
                 self._mask(payload[:offsets[-1]], [(True, _keystream(os.urandom(KEY_BYTES)))], k)
@@ -421,11 +494,13 @@ class SecureReducer:
                     f"secure aggregation: {flags} other process(es) handed a value outside the public bound of kind "
                     f"{kind!r} ({tag}); their own error names the tensor"))
             for (_, name), lo, hi in zip(group, offsets, offsets[1:]):
-                result = torch.empty(hi - lo, dtype=tensors[name].dtype)
-                for start in range(lo, hi, CHUNK):
-                    stop = min(start + CHUNK, hi)
-                    decode_into(result[start - lo:stop - lo], summed[start:stop], encoding, k,
-                                self._scratch[torch.float64])
+                n = flat[name].numel()
+                result = torch.empty(n, dtype=tensors[name].dtype)
+                for start in range(0, n, CHUNK):
+                    stop = min(start + CHUNK, n)
+                    decode_into(result[start:stop], summed[lo + start:lo + stop], encoding, k,
+                                self._scratch[torch.float64],
+                                summed[lo + n + start:lo + n + stop] if limbs == 2 else None)
                 out[name] = result.reshape(tensors[name].shape).to(tensors[name].device)
         self.plain_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         self.collective_seconds += collective_s

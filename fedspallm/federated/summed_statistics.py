@@ -20,10 +20,32 @@ from typing import Any
 import torch
 
 from fedspallm.calibration import BlockStatistics, NumericalError, Statistic
-from fedspallm.federated.secure_aggregation import DEFAULT_ENCODINGS, Encoding, decode_into, encode_into, modulus_bits
+from fedspallm.errors import UserError
+from fedspallm.federated.secure_aggregation import (
+    DEFAULT_ENCODINGS,
+    Encoding,
+    decode_into,
+    encode_into,
+    encodings,
+    modulus_bits,
+)
 from fedspallm.pruners import all_finite
 
 COUNT_FIELDS = 1  # the sequences behind a statistic
+EXACT_WORDS = 2**52  # a process's words stay below bound · 2^f + K quanta; float64 adds integers exactly below 2^53
+
+
+def check_statistic_encodings(table: Mapping[str, Encoding]) -> None:
+    """The statistics' encodings keep float64 sums of their words exact: one limb, below 2^52 quanta."""
+    for kind in sorted({"hessian", "sq_norms"} & set(table)):
+        encoding = table[kind]
+        if encoding.limbs != 1:
+            raise UserError(f"federation.secure_bounds.{kind}: limbs {encoding.limbs}; statistics are sums of "
+                            "one-limb words (already exact), so limbs must be 1")
+        if encoding.max_word() >= EXACT_WORDS:
+            raise UserError(f"federation.secure_bounds.{kind}: bound {encoding.bound:g} x 2^{encoding.frac_bits} "
+                            f"reaches 2^{EXACT_WORDS.bit_length() - 1} quanta; fedstats' float64 sums are exact only "
+                            "below it: lower the bound or frac_bits")
 
 
 class StatisticCodec:
@@ -43,6 +65,7 @@ class StatisticCodec:
     def __init__(self, total_tokens: int, encodings: Mapping[str, Encoding] = DEFAULT_ENCODINGS) -> None:
         if total_tokens <= 0:
             raise ValueError("the public token count must be positive")
+        check_statistic_encodings(encodings)
         self.total_tokens = total_tokens
         self.encodings = encodings
         self._upper: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -109,6 +132,12 @@ class StatisticCodec:
             values[key] = self.decode(stat.kind, self.on_grid(stat.kind, self.encode(stat)), stat.samples,
                                       stat.value.shape[0])
         return BlockStatistics(statistics.kind, dict(statistics.readers), values)
+
+
+def run_codec(calibration: Any, federation: Any) -> StatisticCodec:
+    """The run's codec: its public token count, and the encodings secure aggregation uses for the run
+    (``federation.secure_bounds``), so that the plain and the masked sum of the words are the same."""
+    return StatisticCodec(public_token_count(calibration), encodings(federation.secure_bounds))
 
 
 def public_token_count(calibration: Any) -> int:

@@ -12,7 +12,7 @@ from fedspallm.calibration import prune_sequential
 from fedspallm.federated.collectives import broadcast_from_rank_zero
 from fedspallm.federated.driver import Step
 from fedspallm.federated.strategies.base import Strategy, register
-from fedspallm.federated.summed_statistics import StatisticCodec, public_token_count
+from fedspallm.federated.summed_statistics import run_codec
 from fedspallm.models import prunable_modules
 
 
@@ -30,7 +30,7 @@ class Centralized(Strategy):
 
     def client_update(self, step: Step, client: int, on_block) -> int:
         ctx = self.ctx
-        codec = StatisticCodec(public_token_count(ctx.calibration))
+        codec = run_codec(ctx.calibration, ctx.federation)
         prune_sequential(ctx.model, ctx.calibration.all_windows(), ctx.spec, on_block=on_block,
                          finalize=codec.round_trip, uncovered=ctx.federation.uncovered, **ctx.engine)
         return 0

@@ -44,7 +44,7 @@ from fedspallm.errors import UserError
 from fedspallm.federated.aggregation import upload_bytes
 from fedspallm.federated.driver import Step
 from fedspallm.federated.rounds import RoundPlan
-from fedspallm.federated.summed_statistics import COUNT_FIELDS, StatisticCodec, public_token_count
+from fedspallm.federated.summed_statistics import COUNT_FIELDS, run_codec
 from fedspallm.federated.strategies.base import RunContext, Strategy, register
 from fedspallm.federated.strategies.round_based import RoundStrategy
 from fedspallm.models import find_decoder_blocks, find_prunable_layers, get_weight, in_features, prunable_modules, set_weight
@@ -72,7 +72,7 @@ class FedStats(Strategy):
         self.sampled = [sorted({b for round_ in self.plan.samples for b in round_[c]})
                         for c in range(cfg.num_clients)]
         self.dtype = next(ctx.model.parameters()).dtype
-        self.codec = StatisticCodec(public_token_count(ctx.calibration))
+        self.codec = run_codec(ctx.calibration, ctx.federation)
         windows = ctx.calibration.materialize(self.clients())
         for client, own in windows.items():
             if len(own) == 0:
@@ -172,7 +172,8 @@ class FedStats(Strategy):
             if flags[-1]:
                 raise same_on_every_rank(UserError(
                     f"block {block} {key}: a client's statistic is outside the public fixed-point bound (a mean "
-                    f"second moment beyond {self.codec.encodings[self.kind].bound:g}); nothing of it was sent"))
+                    f"second moment beyond {self.codec.encodings[self.kind].bound:g}); nothing of it was sent; raise "
+                    f"federation.secure_bounds.{self.kind}"))
         values = {key: self.codec.decode(self.kind, sums[self.kind][key], int(counts[f"{key}/counts"][0]), width)
                   for key, width in keys.items()}
         statistics = BlockStatistics(self.kind, self.readers, values)
