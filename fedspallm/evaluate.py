@@ -10,9 +10,8 @@ import torch
 from fedspallm.config import EvalConfig, ModelConfig, OutputDirConfig, RuntimeConfig
 from fedspallm.data import eval_windows
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
-from fedspallm.environment import describe_environment
 from fedspallm.models import load_model
-from fedspallm.outputs import atomic_write_json, sparsity_report
+from fedspallm.outputs import sparsity_report, write_run
 from fedspallm.preflight import check_context
 from fedspallm.reporting import RunReporter
 from fedspallm.runtime import make_fabric, quiet_libraries
@@ -57,14 +56,10 @@ def validate(
         "perplexity": perplexity,
         "eval": {"seqlen": eval.seqlen, "windows": windows_used, "dtype": module.evaluation_dtype},
         "sparsity": sparsity_report(net, 0.0),
-        "wall_time_s": time.perf_counter() - started,
     }
     if fabric.global_rank == 0:
         reporter.log_metrics({f"perplexity/{k}": v for k, v in perplexity.items()}, step=0)
-        results["environment"] = describe_environment(loaded.source)
-        atomic_write_json(reporter.run_dir / "results.json", results)
-        if config_yaml:
-            (reporter.run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        write_run(reporter.run_dir, results, environment_source=loaded.source, config_yaml=config_yaml, started=started)
         for name, value in perplexity.items():
             print(f"{name}: perplexity {value:.4f} over {windows_used[name]} windows of {eval.seqlen} tokens")
         print(f"run directory: {reporter.run_dir}")

@@ -44,9 +44,8 @@ from fedspallm.federated.collectives import Reducer, collective_report, make_red
 from fedspallm.federated.rounds import check_processes, clients_of_rank
 from fedspallm.federated.secure_aggregation import check_setup
 from fedspallm.lit import CausalLMModule, evaluate_perplexity, lr_factor
-from fedspallm.environment import describe_environment
 from fedspallm.models import load_model, prunable_modules
-from fedspallm.outputs import atomic_write_json, export_hf, sparsity_report
+from fedspallm.outputs import model_card, sparsity_report, write_run
 from fedspallm.preflight import check_context, launched_processes, same_on_every_rank
 from fedspallm.reporting import RunReporter, tensorboard_logger
 from fedspallm.runtime import make_fabric, peak_rss_bytes, quiet_libraries
@@ -185,37 +184,27 @@ def _mixed_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def model_card(results: dict[str, Any], config_yaml: str) -> str:
+def fitted_model_card(results: dict[str, Any], config_yaml: str) -> str:
     fit = results["fit"]
     mode = (f"federated (FedAvg), {fit['num_clients']} clients, {fit['rounds']} rounds of {fit['local_steps']} steps"
             if fit["federated"] else f"{results['steps']} steps")
-    lines = ["---", "library_name: transformers", "tags: [pruning, sparse, fedspallm, sparse-fine-tuning]", "---",
-             "# Sparse fine-tuned with fedspallm", "",
-             f"- base: {results['model']}; {mode}; optimizer {fit['optimizer']}, lr {fit['lr']}, {fit['schedule']}, "
+    facts = [f"base: {results['model']}; {mode}; optimizer {fit['optimizer']}, lr {fit['lr']}, {fit['schedule']}, "
              f"precision {fit['precision']}, trainable {fit['trainable']}",
-             f"- sparsity {results['sparsity']['overall']:.4f}; zero positions unchanged: {results['masks_preserved']}",
-             "", "| dataset | perplexity before | after |", "|---|---|---|"]
-    for name, value in results["perplexity"].items():
-        lines.append(f"| {name} | {results['perplexity_before'][name]:.3f} | {value:.3f} |")
-    lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
-    return "\n".join(lines)
+             f"sparsity {results['sparsity']['overall']:.4f}; zero positions unchanged: {results['masks_preserved']}"]
+    perplexity = [f"| {name} | {results['perplexity_before'][name]:.3f} | {value:.3f} |"
+                  for name, value in results["perplexity"].items()]
+    return model_card("Sparse fine-tuned with fedspallm", ["pruning", "sparse", "fedspallm", "sparse-fine-tuning"],
+                      facts, {"Perplexity": ["| dataset | perplexity before | after |", "|---|---|---|", *perplexity]},
+                      config_yaml)
 
 
 def _finish(results: dict[str, Any], net: nn.Module, tokenizer: Any, reporter: RunReporter, output: OutputConfig,
-            config_yaml: str, started: float) -> None:
-    """Rank 0: export the model, write results.json and config.yaml, log sparsity, print a summary."""
+            config_yaml: str, started: float, source: Any) -> None:
+    """Rank 0: the run's files (:func:`fedspallm.outputs.write_run`), TensorBoard, and a summary."""
     run_dir = reporter.run_dir
-    results["model_dir"] = None
-    if output.save_model:
-        results["model_dir"] = str(export_hf(net, tokenizer, run_dir / "model", model_card(results, config_yaml)))
-    if output.save_compressed:
-        from fedspallm.compressed import save_compressed
-
-        results["compressed_path"] = str(save_compressed(net, run_dir / "model_compressed.safetensors"))
-    results["wall_time_s"] = time.perf_counter() - started
-    atomic_write_json(run_dir / "results.json", results)
-    if config_yaml:
-        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    write_run(run_dir, results, environment_source=source, config_yaml=config_yaml, started=started, model=net,
+              tokenizer=tokenizer, card=fitted_model_card(results, config_yaml), save_model=output.save_model,
+              save_compressed=output.save_compressed)
     reporter.log_metrics({f"perplexity/{k}": v for k, v in results["perplexity"].items()}, step=results["steps"])
     reporter.log_sparsity(results["sparsity"])
     reporter.close()
@@ -359,8 +348,7 @@ def finetune(
         **outcome.get("extra", {}),
     }
     if fabric.global_rank == 0:
-        results["environment"] = describe_environment(loaded.source)
-        _finish(results, net, tokenizer, reporter, output, config_yaml, started)
+        _finish(results, net, tokenizer, reporter, output, config_yaml, started, loaded.source)
     fabric.barrier()
     return results
 

@@ -11,12 +11,15 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedspallm.compressed import save_compressed as write_compressed
+from fedspallm.environment import describe_environment
 from fedspallm.models import find_decoder_blocks, get_weight, prunable_modules, strip_quantization
 
 
@@ -108,31 +111,32 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def model_card(results: dict[str, Any], config_yaml: str) -> str:
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [pruning, sparse, fedspallm]",
-        "---",
-        f"# Pruned with fedspallm ({results['strategy']})",
-        "",
-        f"- pruner: {results['pruning']['method']}, pattern {results['pruning']['pattern']}, "
-        f"target sparsity {results['sparsity']['target']:.4f}, achieved {results['sparsity']['overall']:.4f}",
-        f"- clients: {results['num_clients']}, rounds: {results['rounds']}, seed: {results['seed']}",
-        "",
-        "## Perplexity",
-        "",
-        "| dataset | perplexity |",
-        "|---|---|",
-    ]
-    for name, value in results["perplexity"].items():
-        shown = value["mean"] if isinstance(value, dict) else value
-        lines.append(f"| {name} | {shown:.3f} |")
-    lines += ["", "## Per-layer sparsity", "", "| matrix | sparsity |", "|---|---|"]
-    for name, value in results["sparsity"]["per_matrix"].items():
-        lines.append(f"| {name} | {value:.4f} |")
+def model_card(title: str, tags: list[str], facts: list[str], sections: dict[str, list[str]], config_yaml: str) -> str:
+    """The README.md of an exported model, for every recipe: front matter, title, facts as a list, each
+    section's lines under its heading, and the run's config."""
+    lines = ["---", "library_name: transformers", f"tags: [{', '.join(tags)}]", "---", f"# {title}", "",
+             *(f"- {fact}" for fact in facts)]
+    for heading, body in sections.items():
+        lines += ["", f"## {heading}", "", *body]
     lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def write_run(run_dir: Path, results: dict[str, Any], *, environment_source: Any, config_yaml: str, started: float,
+              model: nn.Module | None = None, tokenizer: Any = None, card: str | None = None,
+              save_model: bool = False, save_compressed: bool = False) -> None:
+    """Rank 0, once, at the end of ``prune``, ``validate`` and ``fit``: the model's exports when asked (``model``
+    None: the run has no model to export), then ``results.json`` with the run's environment and wall time, and
+    ``config.yaml``. Each file is written atomically, results.json after the exports it names."""
+    if model is not None:
+        results["model_dir"] = str(export_hf(model, tokenizer, run_dir / "model", card)) if save_model else None
+        if save_compressed:
+            results["compressed_path"] = str(write_compressed(model, run_dir / "model_compressed.safetensors"))
+    results["wall_time_s"] = time.perf_counter() - started
+    results["environment"] = describe_environment(environment_source)
+    atomic_write_json(run_dir / "results.json", results)
+    if config_yaml:
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
 
 
 def finite_or_none(x: float) -> float | None:

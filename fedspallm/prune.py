@@ -31,7 +31,6 @@ from fedspallm.federated.faults import FaultInjection, RoundWatch
 from fedspallm.federated.rounds import check_processes
 from fedspallm.federated.strategies import RunContext, get_strategy
 from fedspallm.lit import CausalLMModule, evaluate_perplexity
-from fedspallm.environment import describe_environment
 from fedspallm.models import (
     find_decoder_blocks,
     get_weight,
@@ -41,13 +40,12 @@ from fedspallm.models import (
     set_weight,
 )
 from fedspallm.outputs import (
-    atomic_write_json,
     dense_zero_count,
-    export_hf,
     model_bytes,
     model_card,
     prunable_matrices,
     sparsity_report,
+    write_run,
 )
 from fedspallm.placement import evaluation_device, load_device, place_whole
 from fedspallm.preflight import check_lengths, preflight, validate_config
@@ -207,21 +205,10 @@ def prune(
         peaks = reducer.sum({"peak_rss_bytes": peaks}, kind="metadata", tag="end")["peak_rss_bytes"]
         results["peak_rss_bytes_max_process"] = int(peaks.max())
     if fabric.global_rank == 0:
-        run_dir = reporter.run_dir
-        results["model_dir"] = None
-        if output.save_model and cls.exports_model:  # standalone has one model per client, none global
-            card = model_card(results, config_yaml)
-            results["model_dir"] = str(export_hf(net, tokenizer, run_dir / "model", card))
-        if output.save_compressed and cls.exports_model:
-            from fedspallm.compressed import save_compressed
-
-            path = save_compressed(net, run_dir / "model_compressed.safetensors")
-            results["compressed_path"] = str(path)
-        results["wall_time_s"] = time.perf_counter() - started
-        results["environment"] = describe_environment(loaded.source)
-        atomic_write_json(run_dir / "results.json", results)
-        if config_yaml:
-            (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        exported = cls.exports_model  # standalone has one model per client, none global
+        write_run(reporter.run_dir, results, environment_source=loaded.source, config_yaml=config_yaml, started=started,
+                  model=net, tokenizer=tokenizer, card=pruned_model_card(results, config_yaml) if exported else None,
+                  save_model=output.save_model and exported, save_compressed=output.save_compressed and exported)
         reporter.log_sparsity(results["sparsity"])
         if "communication" in results:
             reporter.log_communication(results["communication"])
@@ -229,6 +216,18 @@ def prune(
         reporter.close()
     fabric.barrier()
     return results
+
+
+def pruned_model_card(results: dict[str, Any], config_yaml: str) -> str:
+    perplexity = [f"| {name} | {value['mean'] if isinstance(value, dict) else value:.3f} |"
+                  for name, value in results["perplexity"].items()]
+    per_matrix = [f"| {name} | {value:.4f} |" for name, value in results["sparsity"]["per_matrix"].items()]
+    facts = [f"pruner: {results['pruning']['method']}, pattern {results['pruning']['pattern']}, target sparsity "
+             f"{results['sparsity']['target']:.4f}, achieved {results['sparsity']['overall']:.4f}",
+             f"clients: {results['num_clients']}, rounds: {results['rounds']}, seed: {results['seed']}"]
+    return model_card(f"Pruned with fedspallm ({results['strategy']})", ["pruning", "sparse", "fedspallm"], facts,
+                      {"Perplexity": ["| dataset | perplexity |", "|---|---|", *perplexity],
+                       "Per-layer sparsity": ["| matrix | sparsity |", "|---|---|", *per_matrix]}, config_yaml)
 
 
 def _evaluate_paired(fabric: Fabric, net: torch.nn.Module, module: CausalLMModule, eval_sets: dict[str, torch.Tensor],
