@@ -11,8 +11,15 @@ from __future__ import annotations
 import fedspallm  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 
 import argparse
+import hashlib
+import json
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from collections.abc import Iterator
 
@@ -99,6 +106,41 @@ def machine_line() -> str:
 def footer(started: float, load_before: float) -> str:
     return (f"total bench time {time.perf_counter() - started:.0f} s; 1-min load average {load_before:.1f} at start, "
             f"{load_average():.1f} at end (on a shared CPU, other processes' load lowers the ratios)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs, as a user launches them.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_run(devices: int, config: str | Path, extra: list[str]) -> tuple[dict, str | None, float]:
+    """``fabric run --devices N fedspallm/main.py --config C ...`` into a temporary directory: its
+    results.json, the exported model.safetensors' sha256 (None without an export) and the wall time of
+    the whole command (launch, imports and all). A failed run stops the bench with its exit code."""
+    fabric = str(Path(sys.executable).with_name("fabric"))
+    with tempfile.TemporaryDirectory(prefix="fedspallm-bench-") as out:
+        command = [fabric, "run", "--devices", str(devices), "--main-port", str(free_port()),
+                   str(REPO / "fedspallm" / "main.py"), "--config", str(config), "--output.dir", out,
+                   "--runtime.progress", "false", *extra]
+        print(" ".join(command).replace(out, "<tmp>"), flush=True)
+        started = time.perf_counter()
+        run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        seconds = time.perf_counter() - started
+        if run.returncode != 0:
+            print(run.stderr[-3000:], file=sys.stderr)
+            sys.exit(run.returncode)
+        (path,) = Path(out).glob("version_*/results.json")
+        results = json.loads(path.read_text())
+        model_file = Path(out).glob("version_*/model/model.safetensors")
+        digest = next((hashlib.sha256(p.read_bytes()).hexdigest() for p in model_file), None)
+    return results, digest, seconds
 
 
 # ---------------------------------------------------------------------------------------------

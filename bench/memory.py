@@ -14,26 +14,13 @@ change (the figure before the streaming aggregation: 377.666, sha256 56923ba1...
 
 from __future__ import annotations
 
-from common import MB, footer, load_average, machine_line  # first: imports fedspallm before torch
+from common import MB, REPO, footer, launch_run, load_average, machine_line  # first: imports fedspallm before torch
 
 import argparse
-import hashlib
 import json
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET = 2.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -44,20 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     started, load_before = time.perf_counter(), load_average()
     print(machine_line())
-    fabric = str(Path(sys.executable).with_name("fabric"))
-    with tempfile.TemporaryDirectory(prefix="fedspallm-memory-") as out:
-        command = [fabric, "run", "--devices", str(args.devices), "--main-port", str(free_port()),
-                   str(REPO / "fedspallm" / "main.py"), "--config", args.config, "--output.dir", out,
-                   "--runtime.progress", "false", *args.extra]
-        print(" ".join(command[:1] + command[1:]).replace(out, "<tmp>"))
-        run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        if run.returncode != 0:
-            print(run.stderr[-3000:], file=sys.stderr)
-            sys.exit(run.returncode)
-        (path,) = Path(out).glob("version_*/results.json")
-        results = json.loads(path.read_text())
-        model_file = Path(out).glob("version_*/model/model.safetensors")
-        digest = next((hashlib.sha256(p.read_bytes()).hexdigest() for p in model_file), None)
+    results, digest, _ = launch_run(args.devices, args.config, args.extra)
     peak = results.get("peak_rss_bytes_max_process", results["peak_rss_bytes"])
     model = results["bytes"]["dense_model"]
     ratio = peak / model

@@ -15,15 +15,18 @@ Three measurements:
    block by block, plain and secure in turn, so that the shared CPU's load hits both alike. Wall
    time is the slowest rank's. "handed" is what a rank gives the collective; "on the wire" is what
    it actually writes to its sockets during the collective (``wchar`` of /proc/self/io), per party.
-3. The default run with and without secure aggregation: see the README (``fabric run --devices 4``
-   twice, back to back), since it takes the whole machine for minutes.
+3. With ``--default-run``: the default run (``fabric run --devices 4 ... --config configs/default.yaml``)
+   without and with ``federation.secure_aggregation``, back to back (``--repeats`` pairs, alternating, so
+   that a change of load hits both alike): wall time of each command, the ratio, both perplexities and
+   whether the exported models are the same bytes. It takes the whole machine for several minutes.
 """
 
 from __future__ import annotations
 
-from common import MB, footer, load_average, machine_line  # first: imports fedspallm before torch
+from common import MB, REPO, footer, launch_run, load_average, machine_line  # first: imports fedspallm before torch
 
 import argparse
+import json
 import datetime
 import os
 import socket
@@ -178,17 +181,42 @@ def round_reduce(parties: int, blocks: int) -> None:
           f"wire / handed = {wire_secure.mean() / handed_secure:.3f} (a ring all-reduce writes 2(P-1)/P = {ring:.3f})")
 
 
+def default_run(parties: int, repeats: int) -> None:
+    config = REPO / "configs" / "default.yaml"
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    found: dict[bool, tuple[dict, str | None]] = {}
+    print(f"\n3. the default run, {parties} processes, plain then secure, {repeats} pair(s):")
+    for _ in range(repeats):
+        for secure in (False, True):
+            results, digest, wall = launch_run(parties, config, ["--federation.secure_aggregation", str(secure).lower()])
+            seconds[secure].append(wall)
+            found[secure] = (results, digest)
+            print(f"   secure_aggregation {str(secure).lower():5s}: {wall:.1f} s (recorded "
+                  f"{results.get('secure_aggregation')!r}), perplexity {json.dumps(results['perplexity'])}", flush=True)
+    plain, secure = min(seconds[False]), min(seconds[True])
+    (plain_results, plain_digest), (secure_results, secure_digest) = found[False], found[True]
+    worst = max(abs(secure_results["perplexity"][k] - v) / v for k, v in plain_results["perplexity"].items())
+    print(f"   best of {repeats}: plain {plain:.1f} s, secure {secure:.1f} s: x{secure / plain:.3f} "
+          f"({(secure / plain - 1) * 100:+.1f}%; the issue's budget is +15%)")
+    print(f"   perplexity relative difference {worst:.2e}; model.safetensors "
+          f"{'identical' if plain_digest == secure_digest else 'DIFFERENT'} (sha256 {secure_digest})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parties", type=int, default=4)
     parser.add_argument("--blocks", type=int, default=30, help="blocks of the round (the default run: all 30)")
     parser.add_argument("--mask-mb", type=int, default=256, help="payload of the mask generation measurement")
+    parser.add_argument("--default-run", action="store_true", help="also time the default run plain and secure")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of default runs (plain, secure)")
     args = parser.parse_args()
     started, load_before = time.perf_counter(), load_average()
     torch.set_num_threads(1)
     print(f"\nsecure aggregation: {machine_line()}")
     mask_generation(args.parties, args.mask_mb)
     round_reduce(args.parties, args.blocks)
+    if args.default_run:
+        default_run(args.parties, args.repeats)
     print(f"\n{footer(started, load_before)}")
 
 
