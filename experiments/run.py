@@ -52,7 +52,7 @@ EVAL = ["--eval.seqlen", str(SETTINGS["eval_seqlen"]), "--eval.max_windows", str
 NO_EXPORT = ["--output.save_model", "false", "--output.save_compressed", "false", "--output.checkpoint", "false"]
 TARGETS = ("0.5", "0.6", "0.7", "0.8", "2:4")
 FEDERATED = ("fedspallm", "fedavg", "mask_vote", "standalone")  # fedavg: the paired aggregate of the fedspallm run
-RUN_COST = {"standalone": 4, "fedspallm": 2, "mask_vote": 1.5, "centralized": 1.5, "dense": 0.5}  # for the order
+RUN_COST = {"standalone": 4, "fedspallm": 2, "mask_vote": 1.5, "centralized": 1.5, "fedstats": 1.5, "dense": 0.5}  # for the order
 
 
 @dataclass
