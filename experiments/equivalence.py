@@ -5,7 +5,7 @@
 - fedstats with 1 client against centralized SparseGPT on the same windows (both prune from the same
   fixed-point finalisation of the statistics);
 - FedSpaLLM and fedstats with 4 clients in 4 processes (``fabric run --devices 4``), in 1 process and in
-  2 processes (2 + 2).
+  2 processes (2 + 2), and in 4 processes with ``federation.secure_aggregation``.
 
 FedSpaLLM with 1 client, sampling ``all`` and 1 round is SparseGPT on the same windows bit for bit
 (tests/test_federated.py); since centralized prunes from the fixed-point round trip of its statistics it
@@ -36,6 +36,7 @@ COMMON = [
     "--eval.seqlen", "128", "--eval.max_windows", "4", "--runtime.threads", "1", "--runtime.progress", "false",
     "--output.save_compressed", "false", "--output.checkpoint", "false",
 ]
+SECURE = ["--federation.secure_aggregation", "true"]
 FEDSTATS = ["--federation.strategy", "fedstats"]  # the default budget 0.5: each block from 2 of the 4 clients
 # name: (launcher, the run's own flags, expected strategy and client count). The flags come after --config.
 RUNS = {
@@ -50,7 +51,15 @@ RUNS = {
     "fedstats, 4 clients in 1 process": ([sys.executable, MAIN], FEDSTATS, ("fedstats", 4)),
     "fedstats, 4 clients in 2 processes": ([sys.executable, MAIN], [*FEDSTATS, "--runtime.devices", "2"],
                                            ("fedstats", 4)),
+    "FedSpaLLM, 4 clients in 4 processes, secure aggregation": ([FABRIC, "run", "--devices", "4", MAIN], SECURE,
+                                                                ("fedspallm", 4)),
+    "fedstats, 4 clients in 4 processes, secure aggregation": ([FABRIC, "run", "--devices", "4", MAIN],
+                                                               [*FEDSTATS, *SECURE], ("fedstats", 4)),
 }
+# Pairs whose exported models must be the same bytes.
+PAIRS = [("centralized SparseGPT, 1 process", "fedstats, 1 client"),
+         *((f"{s}, 4 clients in 4 processes", f"{s}, 4 clients in {other}") for s in ("FedSpaLLM", "fedstats")
+           for other in ("1 process", "2 processes", "4 processes, secure aggregation"))]
 
 
 def run(name: str, launcher: list[str], flags: list[str], expected: tuple[str, int]) -> dict:
@@ -73,9 +82,7 @@ def run(name: str, launcher: list[str], flags: list[str], expected: tuple[str, i
 
 def main() -> None:
     rows = {name: run(name, *spec) for name, spec in RUNS.items()}
-    names = list(rows)
-    pairs = [(names[0], names[1]), (names[2], names[3]), (names[2], names[4]), (names[5], names[6]),
-             (names[5], names[7])]
+    pairs = PAIRS
     lines = [
         "SmolLM2-135M-Instruct (fp32), 70%, seed 0; 8 calibration windows x 128 tokens; one torch thread per process; "
         "perplexity on 4 windows x 128 tokens of the embedded test split. sha256 of the exported model.safetensors.",
