@@ -162,6 +162,7 @@ class CausalLMModule(L.LightningModule):
         self.keep_masks = keep_masks
         self.schedule_offset = 0
         self._masks: dict[str, tuple[nn.Parameter, torch.Tensor]] | None = None
+        self._head_split: tuple[nn.Module, nn.Module] | tuple[()] | None = None  # see head_split
 
     # -- sparse fine-tuning ----------------------------------------------------------------------
 
@@ -262,14 +263,47 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids=input_ids, **kwargs)
 
     def update_perplexity(self, metric: Perplexity, batch: torch.Tensor) -> None:
-        """Run the model on ``batch`` ([B, T] token ids) and add its B * (T - 1) token NLLs to ``metric``."""
+        """Run the model on ``batch`` ([B, T] token ids) and add its B * (T - 1) token NLLs to ``metric``.
+
+        The decoder runs on the whole batch, and the output head one window at a time: only one
+        window's [T - 1, V] logits exist at once, not the batch's [B, T, V] (V = 49152 for the default
+        model: 403 MB in float32 for B = 4, T = 512). Models whose logits are not the head applied to
+        the decoder's last hidden state (e.g. a final soft-capping) are run whole; see :meth:`head_split`.
+        """
         _check_windows(batch, "batch")
-        logits = self.model(input_ids=batch, use_cache=False).logits
         targets = batch[:, 1:]
+        split = self.head_split(batch)
+        if split is None:
+            logits = self.model(input_ids=batch, use_cache=False).logits
+        else:
+            decoder, head = split
+            hidden = decoder(input_ids=batch, use_cache=False)[0]
         # One window at a time: the metric's softmax makes a float32 copy of its input, and a
-        # [T - 1, V] copy is much smaller than [B, T - 1, V] (V = 49152 for the default model).
+        # [T - 1, V] copy is much smaller than [B, T - 1, V].
         for i in range(batch.shape[0]):
-            metric.update(logits[i : i + 1, :-1].float(), targets[i : i + 1])
+            window = logits[i : i + 1, :-1] if split is None else head(hidden[i : i + 1, :-1])
+            metric.update(window.float(), targets[i : i + 1])
+            del window
+
+    def head_split(self, batch: torch.Tensor) -> tuple[nn.Module, nn.Module] | None:
+        """(decoder, output head) if the model's logits are ``head(decoder(ids)[0])``, else None.
+
+        Decided once per module by a probe on the first 8 tokens of one window: the model's own
+        forward and decoder-then-head must give the same logits bit for bit (same ops, same shapes).
+        """
+        if self._head_split is None:
+            decoder = getattr(self.model, "get_decoder", lambda: None)()
+            head = getattr(self.model, "get_output_embeddings", lambda: None)()
+            same = False
+            if isinstance(decoder, nn.Module) and isinstance(head, nn.Module) and decoder is not self.model:
+                probe = batch[:1, :8]
+                try:
+                    same = torch.equal(head(decoder(input_ids=probe, use_cache=False)[0]),
+                                       self.model(input_ids=probe, use_cache=False).logits)
+                except (TypeError, ValueError, RuntimeError):  # a decoder that takes other arguments
+                    same = False
+            self._head_split = (decoder, head) if same else ()
+        return self._head_split or None
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.update_perplexity(self.val_ppl, batch)

@@ -84,6 +84,57 @@ def test_counts_seqlen_minus_one_tokens_per_window_and_logs_under_trainer():
     assert math.exp(metric.total_log_probs.item() / metric.count.item()) == pytest.approx(expected, rel=1e-5)
 
 
+def _full_logits_sums(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, int]:
+    """The NLL sum and count from the whole batch's [B, T, V] logits (the model's own forward)."""
+    from fedspallm.lit import new_perplexity_metric
+
+    metric = new_perplexity_metric(sync=False)
+    with torch.inference_mode():
+        logits = model(input_ids=windows, use_cache=False).logits
+        for i in range(windows.shape[0]):
+            metric.update(logits[i : i + 1, :-1].float(), windows[i : i + 1, 1:])
+    return metric.total_log_probs.item(), metric.count.item()
+
+
+def test_head_runs_one_window_at_a_time_with_the_same_sums():
+    """The decoder sees the whole batch, the output head one window of T - 1 positions at a time
+    (never [B, T, V] logits), and the NLL sum is bitwise the one from the whole batch's logits."""
+    from fedspallm.lit import new_perplexity_metric
+
+    model = tiny_llama()
+    windows = random_windows(4, 24)
+    module = CausalLMModule(model)
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    metric = new_perplexity_metric(sync=False)
+    with torch.inference_mode():
+        module.update_perplexity(metric, windows)
+    hook.remove()
+    assert module.head_split(windows) == (model.model, model.lm_head)
+    assert shapes == [(1, 8, VOCAB), (1, 8, VOCAB)] + [(1, 23, VOCAB)] * 4  # the probe (head, forward), then windows
+    assert (metric.total_log_probs.item(), metric.count.item()) == _full_logits_sums(model, windows)
+
+
+def test_a_model_whose_logits_are_not_the_plain_head_runs_whole():
+    """Gemma 2 soft-caps its logits after the head: the probe sees it, and the whole forward is used."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from fedspallm.lit import new_perplexity_metric
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                          final_logit_softcapping=5.0)
+    model = Gemma2ForCausalLM(config).eval()
+    windows = random_windows(3, 16)
+    module = CausalLMModule(model)
+    metric = new_perplexity_metric(sync=False)
+    with torch.inference_mode():
+        module.update_perplexity(metric, windows)
+    assert module.head_split(windows) is None
+    assert (metric.total_log_probs.item(), metric.count.item()) == _full_logits_sums(model, windows)
+
+
 def test_bfloat16_model_is_scored_in_float32(fabric):
     model = tiny_llama()
     windows = random_windows(4, 16)
@@ -178,8 +229,11 @@ def _worker(model_dir: str, windows_path: str, out_dir: str) -> None:
     windows = torch.load(windows_path)
     rows = {tuple(w.tolist()): i for i, w in enumerate(windows)}
     seen: list[int] = []
-    model.register_forward_pre_hook(
-        lambda _mod, _args, kwargs: seen.extend(rows[tuple(w.tolist())] for w in kwargs["input_ids"]),
+    # The decoder sees every window (the output head runs per window); the 8-token probe of
+    # CausalLMModule.head_split is not a window.
+    model.get_decoder().register_forward_pre_hook(
+        lambda _mod, _args, kwargs: seen.extend(rows[tuple(w.tolist())] for w in kwargs["input_ids"]
+                                                if len(w) == windows.shape[1]),
         with_kwargs=True,
     )
     ppl = evaluate_perplexity(fabric, CausalLMModule(model), windows, batch_size=2, progress=True)
