@@ -135,6 +135,27 @@ def test_a_model_whose_logits_are_not_the_plain_head_runs_whole():
     assert (metric.total_log_probs.item(), metric.count.item()) == _full_logits_sums(model, windows)
 
 
+@pytest.mark.parametrize("ignore_index", [None, 3])
+def test_rowwise_softmax_gives_torchmetrics_states_bit_for_bit(ignore_index):
+    """RowwisePerplexity takes the softmax a few rows at a time; its states equal torchmetrics'."""
+    from torchmetrics.text import Perplexity
+
+    from fedspallm.lit import RowwisePerplexity
+
+    generator = torch.Generator().manual_seed(0)
+    ours = RowwisePerplexity(ignore_index=ignore_index).set_dtype(torch.float64)
+    theirs = Perplexity(ignore_index=ignore_index).set_dtype(torch.float64)
+    for n in (150, 64, 7):  # rows: not a multiple of 64, exactly 64, fewer
+        logits = torch.randn(1, n, 1000, generator=generator) * 8
+        target = torch.randint(0, 1000, (1, n), generator=generator)
+        target[0, 0] = 3
+        ours.update(logits, target)
+        theirs.update(logits, target)
+        assert ours.total_log_probs.item() == theirs.total_log_probs.item()
+        assert ours.count.item() == theirs.count.item()
+    assert ours.compute().item() == theirs.compute().item()
+
+
 def test_bfloat16_model_is_scored_in_float32(fabric):
     model = tiny_llama()
     windows = random_windows(4, 16)
