@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fedspallm.allocator import release_freed_memory
 from fedspallm.dtypes import cast_floats, check_compute_dtype, parameters_in
 from fedspallm.errors import UserError
 from fedspallm.models import (
@@ -568,11 +569,13 @@ def prune_sequential(
             for name, layer in layers.items():
                 set_weight(layer, prune_from[calibration.full_name(index, name)])
         statistics = calibration.collect(index) if layers and needs_data else None
+        release_freed_memory()  # the forward's activations are freed: give them back before the solves
         if statistics is not None and finalize is not None:
             statistics = finalize(index, statistics)
         if layers:
             pruned = calibration.prune(index, statistics, fixed_masks=fixed_masks, uncovered=uncovered)
             (result.pruned.update if on_pruned is None else on_pruned)(pruned)
+            release_freed_memory()  # and the solves' buffers before the next forward
         if propagate:
             calibration.advance(index)
         elif offload:
@@ -584,6 +587,7 @@ def prune_sequential(
             on_block_output(index, calibration.hidden)
         if on_block is not None:
             on_block(index, len(blocks))
+        release_freed_memory()  # the block's working buffers are freed: give them back (fedspallm.allocator)
     calibration.finish()
     return result
 

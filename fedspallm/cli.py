@@ -111,7 +111,8 @@ def tune_allocator() -> bool:
     By default glibc maps each large allocation afresh and hands it back to the kernel when freed, so
     every new activation, Hessian or weight copy page-faults on first touch; on a CPU that is a
     noticeable share of a prune (a one-process SparseGPT prune of the embedded model: 14.1 s -> 13.3 s
-    here). The cost is memory a process keeps for reuse. Does nothing off glibc, and nothing if the
+    here). The cost is memory a process keeps for reuse; a run gives it back between stages and after
+    every calibrated block (:mod:`fedspallm.allocator`). Does nothing off glibc, and nothing if the
     user tunes malloc through its environment variables. Returns whether the settings took.
     """
     if platform.system() != "Linux" or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):

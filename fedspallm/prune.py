@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric
 
+from fedspallm.allocator import release_freed_memory
 from fedspallm.calibration import PruneSpec
 from fedspallm.checkpoint import RoundCheckpointer, fingerprint, start_from
 from fedspallm.config import (
@@ -108,6 +109,7 @@ def prune(
                      calibration_dtype=pruning.calibration_dtype)
     num_blocks = len(find_decoder_blocks(net))
     dense_zeros = dense_zero_count(net)
+    release_freed_memory()  # what tokenizing and loading freed (fedspallm.allocator)
     load_s = time.perf_counter() - started
     module = CausalLMModule(net, eval_dtype=eval.dtype)
     prune_started = time.perf_counter()
@@ -148,6 +150,7 @@ def prune(
         run_steps(strategy, reducer, watch=watch, faults=FaultInjection.from_config(federation),
                   on_client_block=hooks.client_block, on_step_end=step_end)
     place_whole(net, evaluation_device(net, fabric.device, pruning.offload))  # whole on one device: eval, export
+    release_freed_memory()  # what the clients' passes and the aggregation freed (fedspallm.allocator)
     summary = strategy.summary()
     inner_eval_s = summary.pop("eval_s", 0.0)
     prune_s = time.perf_counter() - prune_started - inner_eval_s
