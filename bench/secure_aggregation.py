@@ -181,14 +181,15 @@ def round_reduce(parties: int, blocks: int) -> None:
           f"wire / handed = {wire_secure.mean() / handed_secure:.3f} (a ring all-reduce writes 2(P-1)/P = {ring:.3f})")
 
 
-def default_run(parties: int, repeats: int) -> None:
+def default_run(parties: int, repeats: int, strategy: str) -> None:
     config = REPO / "configs" / "default.yaml"
     seconds: dict[bool, list[float]] = {False: [], True: []}
     found: dict[bool, tuple[dict, str | None]] = {}
-    print(f"\n3. the default run, {parties} processes, plain then secure, {repeats} pair(s):")
+    print(f"\n3. the default run with strategy {strategy}, {parties} processes, plain then secure, {repeats} pair(s):")
     for _ in range(repeats):
         for secure in (False, True):
-            results, digest, wall = launch_run(parties, config, ["--federation.secure_aggregation", str(secure).lower()])
+            results, digest, wall = launch_run(parties, config, ["--federation.strategy", strategy,
+                                                          "--federation.secure_aggregation", str(secure).lower()])
             seconds[secure].append(wall)
             found[secure] = (results, digest)
             print(f"   secure_aggregation {str(secure).lower():5s}: {wall:.1f} s (recorded "
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--mask-mb", type=int, default=256, help="payload of the mask generation measurement")
     parser.add_argument("--default-run", action="store_true", help="also time the default run plain and secure")
     parser.add_argument("--repeats", type=int, default=1, help="pairs of default runs (plain, secure)")
+    parser.add_argument("--strategy", default="fedspallm", help="federation.strategy of the default runs")
     args = parser.parse_args()
     started, load_before = time.perf_counter(), load_average()
     torch.set_num_threads(1)
@@ -216,7 +218,7 @@ def main() -> None:
     mask_generation(args.parties, args.mask_mb)
     round_reduce(args.parties, args.blocks)
     if args.default_run:
-        default_run(args.parties, args.repeats)
+        default_run(args.parties, args.repeats, args.strategy)
     print(f"\n{footer(started, load_before)}")
 
 

@@ -32,7 +32,8 @@ TABLE = REPO / "experiments" / "results" / "equivalence.md"
 FABRIC = str(Path(sys.executable).with_name("fabric"))
 MAIN = str(REPO / "fedspallm" / "main.py")
 COMMON = [
-    "--config", str(REPO / "configs" / "default.yaml"), "--data.nsamples", "8", "--data.seqlen", "128",
+    "--config", str(REPO / "configs" / "default.yaml"), "--federation.secure_aggregation", "false",
+    "--data.nsamples", "8", "--data.seqlen", "128",
     "--eval.seqlen", "128", "--eval.max_windows", "4", "--runtime.threads", "1", "--runtime.progress", "false",
     "--output.save_compressed", "false", "--output.checkpoint", "false",
 ]

@@ -209,7 +209,8 @@ def default_config_run(strategy: str, target: str = "0.7", partition: str = "iid
     """One ``prune`` run of ``configs/default.yaml`` itself (32 windows x 512 tokens over 4 clients; perplexity on
     32 windows x 512 tokens), changed only where named: the setting of issue 14's acceptance."""
     name = f"default-{strategy}-{method}-{target.replace(':', 'of')}-{partition}" + (f"-{variant}" if variant else "")
-    args = ["prune", "--config", "configs/default.yaml", "--runtime.progress", "false", "--runtime.threads", "1",
+    args = ["prune", "--config", "configs/default.yaml", "--federation.secure_aggregation", "false",  # 1 process
+            "--runtime.progress", "false", "--runtime.threads", "1",
             "--eval.datasets", "[" + ", ".join(DATASETS) + "]", *NO_EXPORT, "--federation.strategy", strategy,
             "--data.partition", partition, "--pruning.method", method, *target_args(target), *(extra or [])]
     return Run(name, args, {"strategy": strategy, "method": method, "target": target, "clients": 4,

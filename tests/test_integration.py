@@ -55,10 +55,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_federated_run_on_the_default_model_with_two_processes(tmp_path):
+def test_federated_run_on_the_default_model_with_three_processes_and_secure_aggregation(tmp_path):
     out = tmp_path / "fed"
     command = [
-        FABRIC, "run", "--main-port", str(free_port()), "--devices", "2", MAIN, "--config",
+        FABRIC, "run", "--main-port", str(free_port()), "--devices", "3", MAIN, "--config",
         str(REPO / "configs" / "default.yaml"),
         "--pruning.sparsity", "0.5", "--data.nsamples", "8", "--data.seqlen", "128",
         "--eval.seqlen", "256", "--eval.max_windows", "4", "--runtime.progress", "false",
@@ -67,7 +67,8 @@ def test_federated_run_on_the_default_model_with_two_processes(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     results = only_results(out)
-    assert results["strategy"] == "fedspallm" and results["num_clients"] == 4 and results["world_size"] == 2
+    assert results["strategy"] == "fedspallm" and results["num_clients"] == 4 and results["world_size"] == 3
+    assert results["secure_aggregation"] is True  # configs/default.yaml turns it on
     per_matrix = results["sparsity"]["per_matrix"]
     assert len(per_matrix) == 30 * 7
     assert all(abs(value - 0.5) < 1e-3 for value in per_matrix.values())
