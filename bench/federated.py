@@ -6,10 +6,10 @@ Setting (the defaults): the embedded SmolLM2-135M in float32; SparseGPT at unstr
 ``--nsamples`` 16 windows x ``--seqlen`` 256 tokens drawn by
 ``plan_calibration("default", ..., num_clients=4, partition="iid", seed=0)``; FedSpaLLM with 4
 clients, uniform budget r = 0.5 (k = 15 of 30 blocks each), systematic sampling, l0 aggregation with
-mask expansion, 1 round; centralized SparseGPT prunes all 30 blocks on the union of the same 16
-windows (``plan.all_windows()``, as the ``centralized`` strategy does); fedstats with the same 4 clients
-(``--fedstats-sampling all``: every client adds statistics to every block, so the result is centralized's
-up to float rounding). Perplexity on 8 x 512 test windows. Calibration batch 8.
+mask expansion, 1 round; the ``centralized`` strategy prunes all 30 blocks on the union of the same 16
+windows (SparseGPT from the fixed-point sum of its batches' statistics); fedstats with the same 4
+clients (``--fedstats-sampling all``: every client adds statistics to every block, so the result is
+centralized's bit for bit: the masks line says so). Perplexity on 8 x 512 test windows. Calibration batch 8.
 
 Layout: ONE process, 4 virtual clients, run one after another by ``run_federation`` with a
 one-process ``PlainReducer`` (the sum is the input), so both runs get the same 2 cores and nothing else of this
@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fedspallm.federated.rounds as rounds
-from fedspallm.calibration import PruneSpec, prune_sequential
+from fedspallm.calibration import PruneSpec
 from fedspallm.config import FederationConfig, ModelConfig
 from fedspallm.data import eval_windows, plan_calibration
 from fedspallm.federated.collectives import PlainReducer
@@ -130,10 +130,13 @@ def main() -> None:
     def perplexity() -> float:
         return evaluate_perplexity(None, CausalLMModule(model), evaluation, args.eval_batch_size, progress=False)
 
-    # Centralized SparseGPT on the union of the clients' windows
+    # The centralized strategy: SparseGPT on the union of the clients' windows
     log(started, "centralized SparseGPT ...")
+    cfg = FederationConfig(strategy="centralized", num_clients=args.clients)
+    centralized = get_strategy("centralized")(RunContext(model, spec, cfg, calibration, seed=args.seed,
+                                                         batch_size=args.batch_size))
     start = time.perf_counter()
-    prune_sequential(model, calibration.all_windows(), spec, batch_size=args.batch_size)
+    run_steps(centralized, PlainReducer())
     central_s = time.perf_counter() - start
     central_ppl = perplexity()
     central_masks = {name: get_weight(layer) != 0 for name, layer in layers.items()}

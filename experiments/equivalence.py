@@ -1,15 +1,18 @@
 """Equivalences of the federated runs on the embedded default model, checked by the sha256 of the exported weights.
 
-    python experiments/equivalence.py      # writes experiments/results/equivalence.md (about 15 minutes)
+    python experiments/equivalence.py          # writes experiments/results/equivalence.md (about 18 minutes)
+    python experiments/equivalence.py --fresh  # re-runs every row (else a row whose row.json exists is kept)
 
-- fedstats with 1 client against centralized SparseGPT on the same windows (both prune from the same
-  fixed-point finalisation of the statistics);
+- fedstats with 1 client against centralized SparseGPT on the same windows (both sum their batches'
+  statistics in the same fixed point);
+- fedstats with 4 clients in 4 processes, every client sampling every block, against centralized on
+  the union of the same 4 clients' windows in 1 process (centralized batches the union client by client);
 - FedSpaLLM and fedstats with 4 clients in 4 processes (``fabric run --devices 4``), in 1 process and in
   2 processes (2 + 2), and in 4 processes with ``federation.secure_aggregation``.
 
 FedSpaLLM with 1 client, sampling ``all`` and 1 round is SparseGPT on the same windows bit for bit
-(tests/test_federated.py); since centralized prunes from the fixed-point round trip of its statistics it
-is no longer the centralized strategy's model bit for bit.
+(tests/test_federated.py); since centralized prunes from the fixed-point sum of its batches' statistics
+it is not the centralized strategy's model bit for bit.
 
 Every process runs one torch thread: BLAS reductions depend on the thread count, the process layout must not.
 The unit tests check the same on tiny models (tests/test_federated.py, tests/test_distributed.py); this
@@ -39,6 +42,8 @@ COMMON = [
 ]
 SECURE = ["--federation.secure_aggregation", "true"]
 FEDSTATS = ["--federation.strategy", "fedstats"]  # the default budget 0.5: each block from 2 of the 4 clients
+UNION = ("centralized SparseGPT on the 4 clients' windows, 1 process",
+         "fedstats, 4 clients in 4 processes, every block sampled")
 # name: (launcher, the run's own flags, expected strategy and client count). The flags come after --config.
 RUNS = {
     "centralized SparseGPT, 1 process": ([sys.executable, MAIN], ["--federation.strategy", "centralized",
@@ -56,15 +61,22 @@ RUNS = {
                                                                 ("fedspallm", 4)),
     "fedstats, 4 clients in 4 processes, secure aggregation": ([FABRIC, "run", "--devices", "4", MAIN],
                                                                [*FEDSTATS, *SECURE], ("fedstats", 4)),
+    UNION[0]: ([sys.executable, MAIN], ["--federation.strategy", "centralized"], ("centralized", 4)),
+    UNION[1]: ([FABRIC, "run", "--devices", "4", MAIN], [*FEDSTATS, "--federation.sampling", "all"], ("fedstats", 4)),
 }
 # Pairs whose exported models must be the same bytes.
 PAIRS = [("centralized SparseGPT, 1 process", "fedstats, 1 client"),
          *((f"{s}, 4 clients in 4 processes", f"{s}, 4 clients in {other}") for s in ("FedSpaLLM", "fedstats")
-           for other in ("1 process", "2 processes", "4 processes, secure aggregation"))]
+           for other in ("1 process", "2 processes", "4 processes, secure aggregation")), UNION]
 
 
-def run(name: str, launcher: list[str], flags: list[str], expected: tuple[str, int]) -> dict:
-    directory = OUT / name.replace(",", "").replace(" ", "-").lower()
+def run(name: str, launcher: list[str], flags: list[str], expected: tuple[str, int], fresh: bool) -> dict:
+    directory = OUT / name.replace(",", "").replace("'", "").replace(" ", "-").lower()
+    done = directory / "row.json"
+    if done.exists() and not fresh:
+        row = json.loads(done.read_text())
+        print(f"{name}: {row['sha256'][:16]}  ppl {row['perplexity']:.4f}  (kept from {done})", flush=True)
+        return row
     shutil.rmtree(directory, ignore_errors=True)
     start = time.perf_counter()
     subprocess.run([*launcher, *COMMON, *flags, "--output.dir", str(directory)], check=True, cwd=REPO,
@@ -77,12 +89,15 @@ def run(name: str, launcher: list[str], flags: list[str], expected: tuple[str, i
     row = {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "perplexity": results["perplexity"]["default"],
            "sparsity": results["sparsity"]["overall"], "seconds": time.perf_counter() - start}
     shutil.rmtree(results_path.parent / "model")  # 538 MB each; the digest is what is compared
+    (directory / "row.tmp").write_text(json.dumps(row, indent=1))
+    (directory / "row.tmp").replace(done)
     print(f"{name}: {row['sha256'][:16]}  ppl {row['perplexity']:.4f}  {row['seconds']:.0f} s", flush=True)
     return row
 
 
 def main() -> None:
-    rows = {name: run(name, *spec) for name, spec in RUNS.items()}
+    fresh = "--fresh" in sys.argv[1:]
+    rows = {name: run(name, *spec, fresh=fresh) for name, spec in RUNS.items()}
     pairs = PAIRS
     lines = [
         "SmolLM2-135M-Instruct (fp32), 70%, seed 0; 8 calibration windows x 128 tokens; one torch thread per process; "

@@ -214,9 +214,27 @@ class BlockInputs:
     kwargs: list[list[dict[str, Any]]]
 
 
+def batch_bounds(count: int, batch_size: int, groups: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of ``count`` windows: ``batch_size`` at a time, never across a group.
+
+    ``groups`` are the sizes of consecutive runs of windows (the clients' shares of a union, in
+    client order). A batch that never straddles two clients is computed as that client computes it
+    alone, which is what makes ``centralized`` and ``fedstats`` the same sum (see
+    :mod:`fedspallm.federated.summed_statistics`).
+    """
+    groups = [count] if groups is None else list(groups)
+    if sum(groups) != count or any(size < 0 for size in groups):
+        raise ValueError(f"groups {groups} do not split {count} windows")
+    bounds, start = [], 0
+    for size in groups:
+        bounds += [(first, min(first + batch_size, start + size)) for first in range(start, start + size, batch_size)]
+        start += size
+    return bounds
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-                         through: int | None = None) -> BlockInputs:
+                         through: int | None = None, groups: Sequence[int] | None = None) -> BlockInputs:
     """Every block's keyword arguments (blocks 0..``through``, all when None), and block 0's hidden states.
 
     One pass of the model's own forward per batch in which each block only records what it is given
@@ -224,7 +242,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     model computes them, for every layer type (Gemma 2/3 alternate sliding and full attention, Qwen2
     slides above ``max_window_layers``), and no block is computed. The pass stops after block
     ``through``. This assumes, as every transformers decoder stack does, that what the model passes a
-    block besides the hidden states does not depend on the earlier blocks' outputs.
+    block besides the hidden states does not depend on the earlier blocks' outputs. Batches follow
+    :func:`batch_bounds`.
     """
     blocks = find_decoder_blocks(model)
     through = len(blocks) - 1 if through is None else through
@@ -257,8 +276,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     try:
         for index, block in enumerate(blocks[: through + 1]):
             block.forward = recorder(index, block)
-        for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(device)
+        for start, stop in batch_bounds(windows.shape[0], batch_size, groups):
+            batch = windows[start:stop].to(device)
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
@@ -331,12 +350,13 @@ class SequentialCalibration:
     The inputs are captured lazily, at the first :meth:`collect` or :meth:`advance`: every block
     gets the keyword arguments the model's own forward gives it (:func:`capture_block_inputs`), up
     to block ``through``. Only one block's inputs are held per batch (plus the small per-block
-    keyword dicts, which share the model's mask and rotary tensors).
+    keyword dicts, which share the model's mask and rotary tensors). ``groups`` keeps batches within
+    consecutive runs of windows (:func:`batch_bounds`).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, spec: PruneSpec, *, batch_size: int = 8,
                  device: torch.device | str | None = None, offload: bool = False, through: int | None = None,
-                 stats: SequentialStats | None = None) -> None:
+                 stats: SequentialStats | None = None, groups: Sequence[int] | None = None) -> None:
         self.model = model
         self.blocks = find_decoder_blocks(model)
         self.prefix = next(name for name, module in model.named_modules() if module is self.blocks)
@@ -345,6 +365,8 @@ class SequentialCalibration:
         self.windows = windows
         self.spec = spec
         self.batch_size = batch_size
+        self.groups = groups
+        batch_bounds(windows.shape[0], batch_size, groups)  # a bad split fails here, not at the first forward
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.offload = offload
         self.through = len(self.blocks) - 1 if through is None else through
@@ -383,7 +405,8 @@ class SequentialCalibration:
 
     def _ready(self, index: int) -> nn.Module:
         if self._inputs is None:
-            self._inputs = capture_block_inputs(self.model, self.windows, self.batch_size, self.device, self.through)
+            self._inputs = capture_block_inputs(self.model, self.windows, self.batch_size, self.device, self.through,
+                                                self.groups)
             if self.compute_dtype is not None:
                 memo: dict[int, torch.Tensor] = {}  # a tensor several blocks share is cast once
                 self._inputs = BlockInputs(cast_floats(self._inputs.hidden, self.compute_dtype, memo),
@@ -399,8 +422,13 @@ class SequentialCalibration:
         return block
 
     @torch.no_grad()
-    def collect(self, index: int) -> BlockStatistics:
-        """This client's statistics of block ``index``'s projections (one forward pass, nothing pruned)."""
+    def collect(self, index: int, on_batch: Callable[[BlockStatistics], None] | None = None) -> BlockStatistics:
+        """This client's statistics of block ``index``'s projections (one forward pass, nothing pruned).
+
+        With ``on_batch``, each batch's statistics are handed to it on their own (a running mean over
+        that batch alone) and the result holds only the readers: a caller that sums batches in fixed
+        point (:class:`~fedspallm.federated.summed_statistics.BlockWords`) gets a sum that does not depend
+        on how batches are grouped into clients."""
         block = self._ready(index)
         kind = STATISTIC_KINDS.get(self.spec.method)
         if kind is None:
@@ -408,7 +436,7 @@ class SequentialCalibration:
         statistics = BlockStatistics(kind)
         with parameters_in(block, self.compute_dtype):
             _collect_statistics(block, self.layers(index), self.hidden, self._inputs.kwargs[index], kind, statistics,
-                                self.stats)
+                                self.stats, on_batch)
         return statistics
 
     @torch.no_grad()
@@ -521,7 +549,8 @@ def prune_sequential(
     on_block_output: Callable[[int, list[torch.Tensor]], None] | None = None,
     on_pruned: Callable[[dict[str, PruneResult]], None] | None = None,
     uncovered: str = "error",
-    finalize: Callable[[int, BlockStatistics], BlockStatistics] | None = None,
+    collect: Callable[[SequentialCalibration, int], BlockStatistics] | None = None,
+    groups: Sequence[int] | None = None,
 ) -> SequentialResult:
     """Prune ``blocks_to_prune`` (all blocks when None) of ``model`` on ``windows`` ([n, seqlen] token ids).
 
@@ -542,8 +571,9 @@ def prune_sequential(
     ``uncovered`` says what happens to a matrix no calibration token reaches (an expert the router
     never chose): see :meth:`SequentialCalibration.prune`; ``result.uncovered`` lists them.
 
-    ``finalize(index, statistics)`` gives the statistics a block is pruned from, e.g. as they come back
-    from a sum over parties (``centralized`` shares ``fedstats``' fixed-point finalisation this way).
+    ``collect(calibration, index)`` gives the statistics a block is pruned from (by default
+    ``calibration.collect(index)``): ``centralized`` sums its batches in ``fedstats``' fixed point this
+    way, with ``groups`` (the clients' shares of ``windows``) keeping every batch within one client.
 
     ``on_pruned`` receives each block's results (full name -> result) as soon as the block is pruned,
     and ``result.pruned`` then stays empty: a caller that keeps them in another form (a federated
@@ -556,7 +586,7 @@ def prune_sequential(
     # Later blocks' outputs are needed only by a caller that asks for them.
     through = len(blocks) - 1 if on_block_output is not None else last_selected
     calibration = SequentialCalibration(model, windows, spec, batch_size=batch_size, device=device, offload=offload,
-                                        through=max(through, 0))
+                                        through=max(through, 0), groups=groups)
     result = SequentialResult(stats=calibration.stats, uncovered=calibration.uncovered)
     needs_data = spec.method != "magnitude"
     # Magnitude pruning reads no inputs: unless the caller wants the outputs, nothing runs forward at all.
@@ -568,10 +598,10 @@ def prune_sequential(
         if prune_from is not None:
             for name, layer in layers.items():
                 set_weight(layer, prune_from[calibration.full_name(index, name)])
-        statistics = calibration.collect(index) if layers and needs_data else None
+        statistics = None
+        if layers and needs_data:
+            statistics = calibration.collect(index) if collect is None else collect(calibration, index)
         release_freed_memory()  # the forward's activations are freed: give them back before the solves
-        if statistics is not None and finalize is not None:
-            statistics = finalize(index, statistics)
         if layers:
             pruned = calibration.prune(index, statistics, fixed_masks=fixed_masks, uncovered=uncovered)
             (result.pruned.update if on_pruned is None else on_pruned)(pruned)
@@ -600,12 +630,14 @@ def _collect_statistics(
     kind: str | None,
     statistics: BlockStatistics,
     counters: SequentialStats,
+    on_batch: Callable[[BlockStatistics], None] | None = None,
 ) -> None:
     """One forward pass over the block with hooks; layers that read the same tensor share a statistic.
     With ``kind`` None nothing is accumulated: only ``statistics.readers`` is filled in.
 
     Every matrix in ``layers`` ends with a reader; one that no token reached (an expert the router
-    never chose) reads a statistic of its own with zero samples."""
+    never chose) reads a statistic of its own with zero samples. With ``on_batch`` every batch's
+    statistics go to it as they are and ``statistics`` keeps only the readers."""
     accumulate = accumulate_hessian if kind == "hessian" else accumulate_sq_norms
     # Identity of an input tensor in the current pass -> (owning layer, the tensor). Holding the tensor
     # keeps its memory from being reused by a later, different input with the same address.
@@ -646,6 +678,9 @@ def _collect_statistics(
                 seen.clear()
                 block(h, **kw)
                 counters.forward_passes += 1
+                if on_batch is not None and kind is not None:
+                    on_batch(BlockStatistics(kind, statistics.readers, statistics.values))
+                    statistics.values = {}
     finally:
         for handle in handles:
             handle.remove()
@@ -653,7 +688,7 @@ def _collect_statistics(
         if name not in statistics.readers:
             statistics.readers[name] = name  # no input ever reached it
         key = statistics.readers[name]
-        if kind is not None and key not in statistics.values:
+        if kind is not None and on_batch is None and key not in statistics.values:
             width = in_features(layers[key])
             shape = (width, width) if kind == "hessian" else (width,)
             statistics.values[key] = Statistic(kind, torch.zeros(shape, dtype=torch.float32), 0, 0)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import FAMILIES, make_tiny_model, random_windows
 from fedspallm.calibration import (
+    batch_bounds,
     BlockStatistics,
     PruneSpec,
     SequentialCalibration,
@@ -262,3 +263,11 @@ def test_stepwise_clients_summing_statistics_match_pruning_on_the_union(method):
         agree += int((a == b).sum())
         total += a.numel()
     assert agree / total >= 0.999
+
+
+def test_batches_never_straddle_two_clients_windows():
+    assert batch_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert batch_bounds(7, 3, [3, 0, 4]) == [(0, 3), (3, 6), (6, 7)]
+    assert batch_bounds(9, 2, [3, 3, 3]) == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 9)]
+    with pytest.raises(ValueError, match="do not split 9 windows"):
+        batch_bounds(9, 2, [3, 3])

@@ -1,15 +1,20 @@
-"""The statistics ``fedstats`` sums, in fixed point: one finalisation shared with ``centralized``.
+"""The statistics ``fedstats`` sums, in fixed point: one summation shared with ``centralized``.
 
-SparseGPT's Σ x xᵀ and Wanda's Σ x_j² are sums over tokens, hence over clients. A client's sum S
-travels in the public fixed-point encoding of its kind (``hessian`` / ``sq_norms`` in
-:data:`~fedspallm.federated.secure_aggregation.DEFAULT_ENCODINGS`, the project's one fixed-point
-encoding): as the integer q = round(S / N · 2^f), N being the run's public token count. A process adds
-its clients' integers and hands the reducer Q · 2^-f, a float64 that is exactly that integer on the
-2^-f grid. Integers add exactly in any order, and so do these floats, because the sum over all clients
-stays far below 2^53 quanta (see :class:`StatisticCodec`): the plain all-reduce and secure aggregation
-both return the exact sum, whatever the layout of clients over processes. ``centralized`` prunes from the
-same round trip of its own statistics (:meth:`StatisticCodec.round_trip`), so one client of ``fedstats``
-is the centralized model bit for bit.
+SparseGPT's Σ x xᵀ and Wanda's Σ x_j² are sums over tokens, hence over clients, and over a client's
+calibration batches. Each batch's sum S travels in the public fixed-point encoding of its kind
+(``hessian`` / ``sq_norms`` in :data:`~fedspallm.federated.secure_aggregation.DEFAULT_ENCODINGS`, the
+project's one fixed-point encoding): as the integer q = round(S / N · 2^f), N being the run's public
+token count. A client adds its batches' integers (:class:`BlockWords`), a process its clients', and
+the reducer gets Q · 2^-f, a float64 that is exactly that integer on the 2^-f grid. Integers add
+exactly in any order, and so do these floats, because the sum over all clients stays far below 2^53
+quanta (see :class:`StatisticCodec`): the plain all-reduce and secure aggregation both return the
+exact sum, whatever the layout of clients over processes.
+
+``centralized`` sums its own batches the same way (:meth:`StatisticCodec.collect_summed`), batching the
+union of the windows client by client (:func:`~fedspallm.calibration.batch_bounds`). Each batch is then
+the same float32 computation in both strategies, and the integer sums are equal: ``fedstats`` with any
+number of clients is the centralized model on the union of their windows, bit for bit, as long as
+the forward passes are (same device, dtype and kernels; every client samples every block).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fedspallm.calibration import BlockStatistics, NumericalError, Statistic
+from fedspallm.calibration import BlockStatistics, NumericalError, SequentialCalibration, Statistic
 from fedspallm.errors import UserError
 from fedspallm.federated.secure_aggregation import (
     DEFAULT_ENCODINGS,
@@ -29,6 +34,7 @@ from fedspallm.federated.secure_aggregation import (
     encodings,
     modulus_bits,
 )
+from fedspallm.models import in_features
 from fedspallm.pruners import all_finite
 
 COUNT_FIELDS = 1  # the sequences behind a statistic
@@ -49,7 +55,7 @@ def check_statistic_encodings(table: Mapping[str, Encoding]) -> None:
 
 
 class StatisticCodec:
-    """A statistic <-> its fixed-point words: the finalisation ``fedstats`` and ``centralized`` share.
+    """A statistic <-> its fixed-point words: the encoding ``fedstats`` and ``centralized`` share.
 
     A statistic's plain sum S (Σ x xᵀ or Σ x_j², :meth:`Statistic.to_sum`) travels as the words
     round(S / N · 2^f) of its kind's encoding (bound 2^24, f = 24: a per-token second moment with a
@@ -122,16 +128,50 @@ class StatisticCodec:
             total = values
         return Statistic.from_sum(kind, total, samples, 0)  # token counts are not exchanged
 
-    def round_trip(self, index: int, statistics: BlockStatistics) -> BlockStatistics:
-        """``statistics`` as they come back from a sum over one party: what ``centralized`` prunes from."""
+    def collect_summed(self, calibration: SequentialCalibration, index: int) -> BlockStatistics:
+        """Block ``index``'s statistics as one party's batches sum in fixed point: what ``centralized``
+        prunes from (:func:`~fedspallm.calibration.prune_sequential`'s ``collect``)."""
+        words = BlockWords(self)
+        statistics = calibration.collect(index, on_batch=words.add)
+        for key, problem in words.problems.items():
+            raise NumericalError(f"block {index} {key}: the statistic {problem}")
+        layers = calibration.layers(index)
         values = {}
-        for key, stat in statistics.values.items():
-            problem = self.problem(stat)
-            if problem is not None:
-                raise NumericalError(f"block {index} {key}: the statistic {problem}")
-            values[key] = self.decode(stat.kind, self.on_grid(stat.kind, self.encode(stat)), stat.samples,
-                                      stat.value.shape[0])
+        for key in dict.fromkeys(statistics.readers.values()):
+            width = in_features(layers[key])
+            summed = words.words.get(key, torch.zeros(self.entries(statistics.kind, width), dtype=torch.int64))
+            values[key] = self.decode(statistics.kind, self.on_grid(statistics.kind, summed),
+                                      words.samples.get(key, 0), width)
         return BlockStatistics(statistics.kind, dict(statistics.readers), values)
+
+
+class BlockWords:
+    """One party's statistics of one block: per key, the sum of its batches' fixed-point words.
+
+    A batch whose statistic cannot be sent (:meth:`StatisticCodec.problem`) marks its key in
+    ``problems``, and nothing of that key is kept. Checking each batch against the bound on its own
+    tokens keeps the sum within the bound on all of them.
+    """
+
+    def __init__(self, codec: StatisticCodec) -> None:
+        self.codec = codec
+        self.words: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, int] = {}
+        self.problems: dict[str, str] = {}
+
+    def add(self, batch: BlockStatistics) -> None:
+        for key, stat in batch.values.items():
+            if key in self.problems:
+                continue
+            problem = self.codec.problem(stat)
+            if problem is not None:
+                self.problems[key] = problem
+                self.words.pop(key, None)
+                self.samples.pop(key, None)
+                continue
+            words = self.codec.encode(stat)
+            self.words[key] = words if key not in self.words else self.words[key].add_(words)
+            self.samples[key] = self.samples.get(key, 0) + stat.samples
 
 
 def run_codec(calibration: Any, federation: Any) -> StatisticCodec:

@@ -1,9 +1,9 @@
 """``centralized``: one pruner on the union of every client's windows (the non-private reference).
 
 The server is the only party: rank 0 prunes, and the other processes (data-parallel evaluation)
-receive its pruned weights. Nothing is summed; nothing is uploaded. Its statistics go through the
-same fixed-point finalisation as ``fedstats``' sums (:meth:`StatisticCodec.round_trip`), so that
-``fedstats`` with one client is this model bit for bit.
+receive its pruned weights. Nothing is uploaded. It sums the statistics of its batches in ``fedstats``'
+fixed point (:meth:`StatisticCodec.collect_summed`), batching the union client by client, so that
+``fedstats`` on the same clients is this model bit for bit (:mod:`fedspallm.federated.summed_statistics`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class Centralized(Strategy):
         ctx = self.ctx
         codec = run_codec(ctx.calibration, ctx.federation)
         prune_sequential(ctx.model, ctx.calibration.all_windows(), ctx.spec, on_block=on_block,
-                         finalize=codec.round_trip, uncovered=ctx.federation.uncovered, **ctx.engine)
+                         collect=codec.collect_summed, groups=ctx.calibration.sizes,
+                         uncovered=ctx.federation.uncovered, **ctx.engine)
         return 0
 
     def aggregate(self, step: Step, sums) -> None:

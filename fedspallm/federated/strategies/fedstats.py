@@ -5,8 +5,8 @@ Step l (one per decoder block, ``tag`` "block l"):
 1. client work: every client of this process advances its own windows through block l − 1 (as
    pruned in step l − 1) and, if block l is sampled for it, collects the statistics of block l's
    projections (:meth:`SequentialCalibration.collect`: SparseGPT's Σ x xᵀ per distinct input,
-   Wanda's Σ x_j²). Each client encodes its statistic in fixed point (:class:`StatisticCodec`) and
-   the process adds its clients' integer words;
+   Wanda's Σ x_j²). Each client encodes each batch's statistic in fixed point and adds the integer
+   words (:class:`BlockWords`); the process adds its clients' words;
 2. the driver's reducer sums them over processes (kind ``hessian`` or ``sq_norms``, as float64 values
    on the encoding's grid, which add exactly) and the counts (sequences, problem flags; kind
    ``contributors``);
@@ -14,9 +14,10 @@ Step l (one per decoder block, ``tag`` "block l"):
    same deterministic kernel, so every process holds the same pruned block without a broadcast.
 
 Integers add exactly in any order, so the model does not depend on how the clients are spread over
-processes, and one client gives the ``centralized`` model bit for bit (centralized prunes from the
-same finalisation of its statistics: :meth:`StatisticCodec.round_trip`). Clients keep their hidden
-states across steps; a process holds one block's statistics at a time.
+processes. ``centralized`` sums its batches the same way, batching the union client by client, so
+with every block sampled by every client ``fedstats`` is the centralized model bit for bit
+(:mod:`fedspallm.federated.summed_statistics`). Clients keep their hidden states across steps; a
+process holds one block's statistics at a time.
 
 Layer sampling keeps its meaning: the budgets and ``federation.sampling`` give the same plan as
 ``fedspallm`` (:func:`~fedspallm.federated.rounds.plan_rounds`; over several rounds a client
@@ -44,7 +45,7 @@ from fedspallm.errors import UserError
 from fedspallm.federated.aggregation import upload_bytes
 from fedspallm.federated.driver import Step
 from fedspallm.federated.rounds import RoundPlan
-from fedspallm.federated.summed_statistics import COUNT_FIELDS, run_codec
+from fedspallm.federated.summed_statistics import COUNT_FIELDS, BlockWords, run_codec
 from fedspallm.federated.strategies.base import RunContext, Strategy, register
 from fedspallm.federated.strategies.round_based import RoundStrategy
 from fedspallm.models import find_decoder_blocks, find_prunable_layers, get_weight, in_features, prunable_modules, set_weight
@@ -112,20 +113,20 @@ class FedStats(Strategy):
             on_block(block, self.num_blocks)
         if not self.summed(block) or block not in self.sampled[client]:
             return 0
-        statistics = walk.collect(block)
-        if not self.readers:
-            self.readers = statistics.readers
+        own = BlockWords(self.codec)
+        self.readers = walk.collect(block, on_batch=own.add).readers
         sent = 0
-        for key, stat in statistics.values.items():
+        for key, width in self._keys(block).items():
             flags = self.flags.setdefault(key, torch.zeros(self.ctx.federation.num_clients + 1, dtype=torch.int64))
-            problem = self.codec.problem(stat)
+            problem = own.problems.get(key)
             if problem is not None:  # nothing of it is sent; every process learns which client and layer failed
                 flags[client if problem.startswith("is not finite") else -1] += 1
                 continue
-            sent += self.codec.wire_bytes(stat.kind, stat.value.shape[0])
-            words = self.codec.encode(stat)
-            self.words[key] = words if key not in self.words else self.words[key].add_(words)
-            count = torch.tensor([stat.samples], dtype=torch.int64)
+            sent += self.codec.wire_bytes(self.kind, width)
+            if key not in own.words:  # no token of this client reached it (an unrouted expert): zeros
+                continue
+            self.words[key] = own.words[key] if key not in self.words else self.words[key].add_(own.words[key])
+            count = torch.tensor([own.samples[key]], dtype=torch.int64)
             self.counts[key] = count if key not in self.counts else self.counts[key].add_(count)
         return sent
 
