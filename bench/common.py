@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: this CPU's matmul peak, machine load, memory high-water marks.
+"""Helpers shared by the benchmarks: this CPU's matmul peak, machine load, memory high-water marks, and the
+embedded default model with its calibration and evaluation windows.
 
 Every benchmark measures its reference peak in the same run as its workload, so that the printed
 ratios compare like with like on a shared machine. Run as a script, this prints the peaks alone::
@@ -22,11 +23,16 @@ import time
 from pathlib import Path
 from contextlib import contextmanager
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from fedspallm.cli import tune_allocator
-from fedspallm.runtime import peak_rss_bytes, reset_peak_rss  # noqa: F401  (re-exported to the benchmarks)
+from fedspallm.config import ModelConfig
+from fedspallm.data import eval_windows, plan_calibration
+from fedspallm.lit import CausalLMModule, evaluate_perplexity
+from fedspallm.models import load_model
+from fedspallm.runtime import peak_rss_bytes, quiet_libraries, reset_peak_rss  # noqa: F401  (re-exported to the benchmarks)
 
 # The benchmarks run with the process settings the command line uses (and print them: machine_line).
 ALLOCATOR_TUNED = tune_allocator()
@@ -106,6 +112,43 @@ def machine_line() -> str:
 def footer(started: float, load_before: float) -> str:
     return (f"total bench time {time.perf_counter() - started:.0f} s; 1-min load average {load_before:.1f} at start, "
             f"{load_average():.1f} at end (on a shared CPU, other processes' load lowers the ratios)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default model, its calibration windows and its perplexity, as the prune benchmarks use them.
+
+
+def pydoc_windows(tokenizer: Any, seqlen: int, count: int) -> torch.Tensor:
+    """The second, non-Wikipedia text: the Python language reference and library topics that ship
+    with the interpreter (``pydoc_data.topics``, what ``help("TOPIC")`` prints), every topic in
+    sorted order joined with blank lines, tokenized as one stream; the first ``count`` windows."""
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    stream = torch.tensor(tokenizer(text).input_ids)
+    count = min(count, stream.numel() // seqlen)
+    return stream[: count * seqlen].reshape(count, seqlen)
+
+
+def load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
+    """The embedded default in float32; ``args.nsamples`` x ``args.seqlen`` calibration windows, drawn as the
+    ``centralized`` strategy draws them (seed ``args.seed``); and ``args.eval_windows`` x ``args.eval_seqlen``
+    windows of each evaluation text: ``default`` (the embedded test split) and ``pydoc``."""
+    quiet_libraries()
+    loaded = load_model(ModelConfig(dtype="float32"))
+    plan = plan_calibration("default", loaded.tokenizer, args.nsamples, args.seqlen, 1, "iid", 0.5, args.seed)
+    evaluation = {"default": eval_windows("default", loaded.tokenizer, args.eval_seqlen, args.eval_windows),
+                  "pydoc": pydoc_windows(loaded.tokenizer, args.eval_seqlen, args.eval_windows)}
+    return loaded.model, plan.all_windows(), evaluation
+
+
+def perplexity(model: torch.nn.Module, sets: dict[str, torch.Tensor], args: argparse.Namespace
+               ) -> tuple[dict[str, float], float]:
+    """Perplexity on each of ``sets`` (name -> windows), and the seconds it took."""
+    start = time.perf_counter()
+    values = {name: evaluate_perplexity(None, CausalLMModule(model), windows, args.eval_batch_size, progress=False)
+              for name, windows in sets.items()}
+    return values, time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------

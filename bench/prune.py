@@ -59,9 +59,11 @@ from common import (  # first: imports fedspallm (the OpenMP wait policy) before
     current_rss_bytes,
     fp32_peak,
     footer,
+    load,
     load_average,
     machine_line,
     peak_rss_bytes,
+    perplexity,
     reset_peak_rss,
     torch_threads,
 )
@@ -80,12 +82,8 @@ import torch
 import fedspallm.calibration as engine
 import fedspallm.pruners.sparsegpt as sparsegpt_module
 from fedspallm.calibration import PruneSpec, SequentialCalibration, prune_sequential
-from fedspallm.config import ModelConfig
-from fedspallm.data import eval_windows, plan_calibration
-from fedspallm.lit import CausalLMModule, evaluate_perplexity
-from fedspallm.models import find_decoder_blocks, find_prunable_layers, get_weight, load_model
+from fedspallm.models import find_decoder_blocks, find_prunable_layers, get_weight
 from fedspallm.pruners import accumulate_hessian
-from fedspallm.runtime import quiet_libraries
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -170,35 +168,6 @@ def instrument(meter: Meter, blocksize: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Workers (one subprocess each)
-
-
-def pydoc_windows(tokenizer: Any, seqlen: int, count: int) -> torch.Tensor:
-    """The second, non-Wikipedia text: the Python language reference and library topics that ship
-    with the interpreter (``pydoc_data.topics``, what ``help("TOPIC")`` prints), every topic in
-    sorted order joined with blank lines, tokenized as one stream; the first ``count`` windows."""
-    import pydoc_data.topics
-
-    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
-    stream = torch.tensor(tokenizer(text).input_ids)
-    count = min(count, stream.numel() // seqlen)
-    return stream[: count * seqlen].reshape(count, seqlen)
-
-
-def load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, dict[str, torch.Tensor]]:
-    quiet_libraries()
-    loaded = load_model(ModelConfig(dtype="float32"))
-    plan = plan_calibration("default", loaded.tokenizer, args.nsamples, args.seqlen, 1, "iid", 0.5, args.seed)
-    evaluation = {"default": eval_windows("default", loaded.tokenizer, args.eval_seqlen, args.eval_windows),
-                  "pydoc": pydoc_windows(loaded.tokenizer, args.eval_seqlen, args.eval_windows)}
-    return loaded.model, plan.all_windows(), evaluation
-
-
-def perplexity(model: torch.nn.Module, sets: dict[str, torch.Tensor], args: argparse.Namespace
-               ) -> tuple[dict[str, float], float]:
-    start = time.perf_counter()
-    values = {name: evaluate_perplexity(None, CausalLMModule(model), windows, args.eval_batch_size, progress=False)
-              for name, windows in sets.items()}
-    return values, time.perf_counter() - start
 
 
 def best_peak(name: str) -> float:
