@@ -323,6 +323,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for option in ("nsamples", "seqlen", "batch_size", "eval_windows", "eval_seqlen", "eval_batch_size", "threads"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
+    if not 0 < args.sparsity < 1:
+        parser.error(f"--sparsity {args.sparsity}: must be between 0 and 1 (exclusive)")
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), load_average()
 

@@ -21,6 +21,7 @@ script shows it at the real size. 8 calibration windows of 128 tokens keep it sh
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -109,7 +110,9 @@ def run(name: str, launcher: list[str], flags: list[str], expected: tuple[str, i
 
 
 def main() -> None:
-    fresh = "--fresh" in sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fresh", action="store_true", help="re-run every row, even those whose row.json exists")
+    fresh = parser.parse_args().fresh
     rows = {name: run(name, *spec, fresh=fresh) for name, spec in RUNS.items()}
     pairs = PAIRS
     lines = [

@@ -79,12 +79,17 @@ def label(target: str) -> str:
     return target if ":" in target else f"{float(target):.0%}"
 
 
+def as_fedprllm(strategy: str, method: str, extra: list[str] | None) -> tuple[str, list[str]]:
+    """mask_vote is FedPrLLM's method: its clients run Wanda and send masks for every block."""
+    if strategy == "mask_vote":
+        return "wanda", ["--federation.sampling", "all", *(extra or [])]
+    return method, list(extra or [])
+
+
 def prune_run(strategy: str, target: str = "0.7", clients: int = 4, partition: str = "iid", seed: int = 0,
               method: str = "sparsegpt", variant: str = "", extra: list[str] | None = None, **tags) -> Run:
     """One ``prune`` run. ``variant`` names settings beyond the defaults (``extra``)."""
-    if strategy == "mask_vote":
-        method = "wanda"  # FedPrLLM's clients run Wanda and send masks for every block
-        extra = ["--federation.sampling", "all", *(extra or [])]
+    method, extra = as_fedprllm(strategy, method, extra)
     if strategy == "fedspallm" and not variant:
         # The same uploads also aggregated by plain averaging: fedavg's model, without a second run.
         extra = ["--federation.paired_aggregation", "fedavg", *(extra or [])]
@@ -205,14 +210,18 @@ def communication_runs() -> list[Run]:
     return runs + [prune_run("mask_vote", description="mask_vote (FedPrLLM): bitmask of all blocks")]
 
 
+# ``prune`` on configs/default.yaml in one experiment worker: one process (nothing to mask), one thread.
+DEFAULT_CONFIG_PRUNE = ["prune", "--config", "configs/default.yaml", "--federation.secure_aggregation", "false",
+                        "--runtime.progress", "false", "--runtime.threads", "1",
+                        "--eval.datasets", "[" + ", ".join(DATASETS) + "]", *NO_EXPORT]
+
+
 def default_config_run(strategy: str, target: str = "0.7", partition: str = "iid", method: str = "sparsegpt",
                        variant: str = "", extra: list[str] | None = None, **tags) -> Run:
     """One ``prune`` run of ``configs/default.yaml`` itself (32 windows x 512 tokens over 4 clients; perplexity on
     32 windows x 512 tokens), changed only where named: the setting of issue 14's acceptance."""
     name = f"default-{strategy}-{method}-{target.replace(':', 'of')}-{partition}" + (f"-{variant}" if variant else "")
-    args = ["prune", "--config", "configs/default.yaml", "--federation.secure_aggregation", "false",  # 1 process
-            "--runtime.progress", "false", "--runtime.threads", "1",
-            "--eval.datasets", "[" + ", ".join(DATASETS) + "]", *NO_EXPORT, "--federation.strategy", strategy,
+    args = [*DEFAULT_CONFIG_PRUNE, "--federation.strategy", strategy,
             "--data.partition", partition, "--pruning.method", method, *target_args(target), *(extra or [])]
     return Run(name, args, {"strategy": strategy, "method": method, "target": target, "clients": 4,
                             "partition": partition, "seed": 0, "variant": variant, **tags})
@@ -286,12 +295,10 @@ REALISTIC_METHODS = ("centralized", "fedstats", "fedspallm", "mask_vote", "stand
 def realistic_run(strategy: str, target: str, partition: str, seed: int) -> Run:
     """One run of configs/default.yaml with 16 windows x 512 tokens per client (4 clients); fedstats and
     fedspallm at the config's budget 0.5 (systematic); mask_vote is FedPrLLM's (Wanda, every block)."""
-    method, extra = ("wanda", ["--federation.sampling", "all"]) if strategy == "mask_vote" else ("sparsegpt", [])
+    method, extra = as_fedprllm(strategy, "sparsegpt", None)
     name = f"realistic-{strategy}-{target.replace(':', 'of')}-{partition}-seed{seed}"
-    args = ["prune", "--config", "configs/default.yaml", "--federation.secure_aggregation", "false",  # 1 process
-            "--runtime.progress", "false", "--runtime.threads", "1", "--seed", str(seed),
-            "--data.nsamples", str(REALISTIC_NSAMPLES), "--eval.datasets", "[" + ", ".join(DATASETS) + "]",
-            *NO_EXPORT, "--federation.strategy", strategy, "--data.partition", partition, "--pruning.method", method,
+    args = [*DEFAULT_CONFIG_PRUNE, "--seed", str(seed), "--data.nsamples", str(REALISTIC_NSAMPLES),
+            "--federation.strategy", strategy, "--data.partition", partition, "--pruning.method", method,
             *target_args(target), *extra]
     return Run(name, args, {"strategy": strategy, "method": method, "target": target, "clients": 4,
                             "partition": partition, "seed": seed})
@@ -754,7 +761,10 @@ def main() -> None:
     args = parser.parse_args()
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     if not args.table:
-        execute_all([run for name in names for run in EXPERIMENTS[name][0]() if args.match in run.name], args.workers)
+        runs = [run for name in names for run in EXPERIMENTS[name][0]() if args.match in run.name]
+        if not runs:
+            parser.error(f"--match {args.match!r}: no run of {args.experiment} has it in its name")
+        execute_all(runs, args.workers)
     for name in names:
         report(name)
 
