@@ -13,8 +13,9 @@ figure then comes from the code paths a run takes, walked on it:
   ``runtime.batch_size`` windows; the Hessians are those hooks' own, grouped by input as the engine
   groups them (the grouping is read off a same-architecture twin with tiny sizes, since meta tensors
   have no identity); plus the client's hidden states (inputs and outputs of the block, all its windows);
-- uploads held until the reduce: ``upload_bytes`` of every matrix the process's clients prune in the
-  round (the server's plan, ``plan_rounds``), at the target sparsity;
+- uploads: ``upload_bytes`` of every matrix the process's clients prune in the round (the server's
+  plan, ``plan_rounds``), at the target sparsity, spooled to disk as they are made
+  (``uploads.UploadStore``): in memory only one block's, read back at its reduce;
 - aggregation of one block: the sums ``RoundStrategy.local_sums`` builds (float64, int32, int64), the
   reducer's buckets (``collectives.buckets``; staged on the GPU for NCCL), and the aggregate's
   workspace, measured here by running ``aggregate`` on a real 1024 x 1024 matrix, per weight;
@@ -183,7 +184,8 @@ def main() -> None:
         mask = torch.zeros(weight.numel(), dtype=torch.bool)
         mask[: weight.numel() - num_to_prune(weight.numel(), sparsity)] = True
         per_block_upload += upload_bytes(mask, dtype)
-    uploads = max(len(plan.samples[t][c]) for t in range(federation.rounds) for c in clients) * per_block_upload * len(clients)
+    spooled = max(len(plan.samples[t][c]) for t in range(federation.rounds) for c in clients) * per_block_upload * len(clients)
+    uploads = per_block_upload * len(clients)  # the one block read back from the spool at its reduce
 
     sums = {f"{kind}:{name}": torch.empty(weight.shape, dtype=d, device="meta") for name, weight in layers0.items()
             for kind, d in (("weight_sum", torch.float64), ("keep_count", torch.int32))}
@@ -213,7 +215,7 @@ def main() -> None:
         }
         host = {
             "load": total,
-            "calibration (per block)": (total if offload else 0) + uploads,
+            "calibration (per block)": (total if offload else 0),
             "aggregation (per block)": (total if offload else 0) + uploads + aggregation_host + pooled_kept + masks,
             "evaluation": masks + pooled_kept,
             "export": masks + block_bytes,
@@ -224,7 +226,8 @@ def main() -> None:
           f"{federation.num_clients} clients, {len(clients)} per process, {windows} windows x {seqlen} per process, "
           f"calibration batch {batch}, eval batch {batch_eval} x {cfg['eval']['seqlen']}")
     print(f"per block: forward + hooks {forward_peak / GB:.2f} GB live peak, statistics {stats_bytes / GB:.2f} GB, "
-          f"hidden states {hidden / GB:.2f} GB; uploads held {uploads / GB:.2f} GB; one block's sums "
+          f"hidden states {hidden / GB:.2f} GB; uploads {spooled / GB:.2f} GB on disk, one block's "
+          f"{uploads / GB:.2f} GB read back; one block's sums "
           f"{block_sums / GB:.2f} GB, largest bucket {largest_bucket / GB:.3f} GB, aggregate workspace "
           f"{workspace / GB:.2f} GB")
     for offload, gpu, host in rows:

@@ -14,9 +14,9 @@ calibration (one client walk)  device: the whole model                     devic
                                                                            the host (:func:`release`)
 activations, per-block         device                                      device
 statistics (H, Σx²)
-client uploads (bitmask +      host                                        host
-kept values), the process's
-local sums
+client uploads (bitmask +      disk, under output.dir (:class:`fedspallm.federated.uploads.UploadStore`), each read
+kept values)                   back to the host at its block's reduce; the host in in-process runs
+the process's local sums       host, one block at a time                   host
 pooled sums (Σ M⊙W float64,    host, one block at a time (kept across      host
 Σ M int32, contributors)       rounds only where a later round, a
                                checkpoint or paired evaluation reads them)

@@ -25,7 +25,7 @@ from fedspallm.config import (
     PruningConfig,
     RuntimeConfig,
 )
-from fedspallm.data import eval_windows, plan_calibration
+from fedspallm.data import Corpora, eval_windows, plan_calibration
 from fedspallm.federated.collectives import collective_report, make_reducer
 from fedspallm.federated.driver import Step, StepLog, run_steps
 from fedspallm.federated.faults import FaultInjection, RoundWatch
@@ -104,6 +104,7 @@ def prune(
                  for name in eval.datasets}
     calibration = plan_calibration(data.calibration, tokenizer, data.nsamples, data.seqlen, federation.num_clients,
                                    data.partition, data.alpha, seed, checks.corpora)
+    checks.corpora = Corpora()  # the texts are read no more (the plan keeps the token streams it indexes)
     n, m = pruning.n_m
     spec = PruneSpec(pruning.method, pruning.target_sparsity, n, m, pruning.blocksize, pruning.percdamp,
                      calibration_dtype=pruning.calibration_dtype)
@@ -117,7 +118,8 @@ def prune(
     ctx = RunContext(net, spec, federation, calibration, seed=seed, rank=fabric.global_rank,
                      world_size=fabric.world_size, batch_size=runtime.batch_size, device=fabric.device,
                      offload=pruning.offload, checkpoint=loaded.source, fabric=fabric, eval_datasets=list(eval_sets),
-                     evaluate_local=lambda _: evaluate_all(None, module, eval_sets, eval.batch_size, progress=False))
+                     evaluate_local=lambda _: evaluate_all(None, module, eval_sets, eval.batch_size, progress=False),
+                     scratch=output.dir)
     strategy = cls(ctx, checks.plan)  # the plan preflight computed, when it could
     extra: dict[str, Any] = {}
     watch, on_step_end = None, None

@@ -12,6 +12,7 @@ from fedspallm.calibration import (
     PruneSpec,
     SequentialCalibration,
     capture_block_inputs,
+    first_reader,
     prune_sequential,
 )
 from fedspallm.errors import UserError
@@ -82,6 +83,19 @@ def test_layers_reading_one_input_share_one_statistic():
     # Llama: {q,k,v} share the normed input, {gate, up} share another; o and down have their own.
     assert result.stats.statistic_updates == blocks * 4
     assert result.stats.layers_pruned == blocks * 7
+
+
+def test_first_reader_shares_a_live_input_and_not_a_reused_address():
+    seen: dict = {}
+    base = torch.zeros(4, 6)
+    normed = base.view(6, 4)
+    assert first_reader(seen, "q", normed) == "q"
+    assert first_reader(seen, "k", normed) == "q"  # the same tensor: one statistic
+    assert first_reader(seen, "v", base.view(6, 4)) == "q"  # another view of the same live memory
+    del normed  # the views die: their address may now hold a different input
+    assert first_reader(seen, "o", base.view(6, 4)) == "o"
+    assert first_reader(seen, "gate", base.view(4, 6)) == "gate"  # same address, another shape
+    assert first_reader(seen, "up", torch.zeros(6, 4)) == "up"
 
 
 def test_sparsegpt_inverts_each_shared_hessian_once(monkeypatch):

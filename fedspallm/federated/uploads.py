@@ -10,10 +10,19 @@ gives bit for bit the :func:`~fedspallm.federated.aggregation.contribute` of the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fedspallm.federated.aggregation import Contribution, contribute, merge
 from fedspallm.placement import HOST
@@ -58,6 +67,75 @@ class Upload:
         weight = torch.zeros(self.shape, dtype=self.values.dtype)
         weight[keep] = self.values
         return contribute(None, weight, keep)
+
+
+class UploadStore:
+    """What a process's clients uploaded, full name -> :class:`Upload` (or the sums of two or more), until
+    their block is reduced.
+
+    With a ``scratch`` directory every holding goes to its own safetensors file, in a directory of
+    this store's own inside it, as soon as it is made, and is read back (and deleted) when its block
+    is reduced: the process holds no client's uploads in memory between the client work and the
+    reduce, as a client that has sent its message keeps no copy. On the default run that is 0.07 GB
+    per process by the end of the clients' pass; on Llama-2-7B at 50% with fp16 values, 3.6 GB
+    (``bench/memory_plan.py``). The directory goes when the store is closed or collected, or the
+    process exits. Without ``scratch`` they stay in memory (in-process runs and tests). Reading
+    back gives the same bits."""
+
+    def __init__(self, scratch: str | os.PathLike | None = None) -> None:
+        self.directory: Path | None = None
+        self._remove: Callable[[], Any] = lambda: None
+        if scratch is not None:
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix=".uploads-", dir=scratch))
+            self._remove = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        self._held: dict[str, Upload | Contribution | None] = {}  # None: on disk
+
+    def add(self, name: str, upload: Upload) -> None:
+        """Hold one more client's upload for ``name`` (with what this process already holds for it)."""
+        held = add(self.pop(name), upload)
+        if self.directory is None:
+            self._held[name] = held
+            return
+        if isinstance(held, Upload):
+            tensors = {"mask": held.mask, "values": held.values}
+            metadata = {"shape": json.dumps(list(held.shape))}
+        else:
+            tensors = {"weight_sum": held.weight_sum, "keep_count": held.keep_count}
+            metadata = {"contributors": str(held.contributors)}
+        save_file(tensors, self._path(name), metadata=metadata)
+        self._held[name] = None
+
+    def pop(self, name: str) -> Upload | Contribution | None:
+        """What is held for ``name`` (None if nothing), and no longer held."""
+        if name not in self._held:
+            return None
+        held = self._held.pop(name)
+        if held is not None:
+            return held
+        path = self._path(name)
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata()
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        path.unlink()
+        if "shape" in metadata:
+            return Upload(torch.Size(json.loads(metadata["shape"])), tensors["mask"], tensors["values"])
+        return Contribution(tensors["weight_sum"], tensors["keep_count"], int(metadata["contributors"]))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._held
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def close(self) -> None:
+        """Forget everything held and remove the directory."""
+        self._held.clear()
+        self._remove()
+
+    def _path(self, name: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{name}.safetensors"
 
 
 def add(held: Upload | Contribution | None, upload: Upload) -> Upload | Contribution:

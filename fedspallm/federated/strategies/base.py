@@ -91,6 +91,7 @@ class RunContext:
     fabric: Any = None  # only for results that are not sums of client data (centralized's broadcast)
     eval_datasets: list[str] = field(default_factory=list)
     evaluate_local: Callable[[nn.Module], dict[str, float]] | None = None  # this process alone, no collectives
+    scratch: str | None = None  # a directory this process may spool to (its uploads); None: hold them in memory
 
     @property
     def engine(self) -> dict[str, Any]:

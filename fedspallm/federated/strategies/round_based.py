@@ -3,7 +3,7 @@
 Round t: every client prunes its sampled blocks (:func:`fedspallm.federated.client.client_round`);
 the process keeps each pruned matrix as its upload (:class:`~fedspallm.federated.uploads.Upload`,
 a packed mask and the kept values; float64 sums only where two of its clients pruned the same
-matrix). Then, block by block (:meth:`RoundStrategy.parts`), the process builds that block's sums
+matrix), on disk until its block is reduced (:class:`~fedspallm.federated.uploads.UploadStore`). Then, block by block (:meth:`RoundStrategy.parts`), the process builds that block's sums
 (Σ M⊙W, Σ M, contributor counts), the driver sums them over processes, and every process pools them
 with earlier rounds' sums (client_base dense) or replaces them (client_base global), aggregates the
 block's matrices with the strategy's rule (:meth:`RoundStrategy.aggregate_matrix`) and writes them
@@ -34,7 +34,7 @@ from fedspallm.federated.rounds import (
     plan_rounds,
 )
 from fedspallm.federated.strategies.base import RunContext, Strategy
-from fedspallm.federated.uploads import PackedMasks, Upload, add, as_contribution
+from fedspallm.federated.uploads import PackedMasks, Upload, UploadStore, as_contribution
 from fedspallm.models import get_weight, prunable_modules, set_weight
 from fedspallm.pruners import PruneResult, magnitude_prune
 
@@ -69,7 +69,7 @@ class RoundStrategy(Strategy):
         self.windows = ctx.calibration.materialize(self.clients())
         self.outcome = FederationOutcome(global_weights={}, masks=PackedMasks(), uncovered=self.plan.uncovered())
         self.logs = self.outcome.rounds
-        self.local: dict[str, Upload | Contribution] = {}
+        self.local = UploadStore(ctx.scratch)  # the uploads until their block's reduce
 
     def resume(self, outcome: FederationOutcome) -> None:
         """Continue after ``outcome.completed_rounds`` rounds (from a checkpoint).
@@ -103,7 +103,7 @@ class RoundStrategy(Strategy):
         t, cfg = step.index, self.ctx.federation
 
         def keep(name: str, result: PruneResult) -> None:  # the upload, held in its wire form until its block's reduce
-            self.local[name] = add(self.local.get(name), Upload.of(result.weight, result.mask))
+            self.local.add(name, Upload.of(result.weight, result.mask))
 
         # On the global model (client_base=global, refit rounds) a sampled block is still pruned afresh from the
         # dense cache (see calibration.prune_sequential).
@@ -129,7 +129,7 @@ class RoundStrategy(Strategy):
             return {}
         weight_sum, keep_count, contributors = {}, {}, {}
         for name in self.names_of[block]:
-            held = self.local.pop(name, None)
+            held = self.local.pop(name)
             mine = as_contribution(held) if held is not None else None
             shape = self.shapes[name]
             keep_count[name] = mine.keep_count if mine is not None else torch.zeros(shape, dtype=torch.int32)
@@ -172,6 +172,8 @@ class RoundStrategy(Strategy):
         if self.keep_pooled:
             load_global(self.ctx.model, outcome)  # blocks aggregated in earlier rounds only (client_base global)
         outcome.completed_rounds = t + 1
+        if t == cfg.rounds - 1:
+            self.local.close()
 
     def aggregate_matrix(self, step: Step, name: str, pooled: Contribution) -> PruneResult:
         """The global matrix from its pooled sums: the ℓ0 or plain average, then expansion to the target."""
