@@ -20,7 +20,7 @@ def rss_mb():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:"))
 
-assert tune_allocator()  # the CLI's settings: tensors below 32 MB come from the heap, freed memory is kept
+assert tune_allocator()  # the CLI's settings: tensors below 4 MB come from the heap, freed memory is kept
 tensors = [torch.ones(1 << 18) for _ in range(300)]  # 300 x 1 MB, touched
 keep = torch.ones(1 << 10)  # allocated after them: the freed memory is not at the heap's top alone
 del tensors
