@@ -5,16 +5,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# The tested versions of every other dependency (constraints.txt); CONSTRAINTS= resolves the newest in pyproject's ranges.
+CONSTRAINTS ?= constraints.txt
 DEVICES ?= 4
 PY := $(VENV)/bin/python
 
 .PHONY: install assets demo test test-cuda bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
