@@ -185,7 +185,7 @@ def main() -> None:
         mask[: weight.numel() - num_to_prune(weight.numel(), sparsity)] = True
         per_block_upload += upload_bytes(mask, dtype)
     spooled = max(len(plan.samples[t][c]) for t in range(federation.rounds) for c in clients) * per_block_upload * len(clients)
-    uploads = per_block_upload * len(clients)  # the one block read back from the spool at its reduce
+    read_back = per_block_upload * len(clients)  # the one block's uploads read back from the spool at its reduce
 
     sums = {f"{kind}:{name}": torch.empty(weight.shape, dtype=d, device="meta") for name, weight in layers0.items()
             for kind, d in (("weight_sum", torch.float64), ("keep_count", torch.int32))}
@@ -216,7 +216,7 @@ def main() -> None:
         host = {
             "load": total,
             "calibration (per block)": (total if offload else 0),
-            "aggregation (per block)": (total if offload else 0) + uploads + aggregation_host + pooled_kept + masks,
+            "aggregation (per block)": (total if offload else 0) + read_back + aggregation_host + pooled_kept + masks,
             "evaluation": masks + pooled_kept,
             "export": masks + block_bytes,
         }
@@ -227,7 +227,7 @@ def main() -> None:
           f"calibration batch {batch}, eval batch {batch_eval} x {cfg['eval']['seqlen']}")
     print(f"per block: forward + hooks {forward_peak / GB:.2f} GB live peak, statistics {stats_bytes / GB:.2f} GB, "
           f"hidden states {hidden / GB:.2f} GB; uploads {spooled / GB:.2f} GB on disk, one block's "
-          f"{uploads / GB:.2f} GB read back; one block's sums "
+          f"{read_back / GB:.2f} GB read back; one block's sums "
           f"{block_sums / GB:.2f} GB, largest bucket {largest_bucket / GB:.3f} GB, aggregate workspace "
           f"{workspace / GB:.2f} GB")
     for offload, gpu, host in rows:
